@@ -1,0 +1,42 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+
+
+def random_history(rng, m, max_text=6):
+    """m blocks of 1..max_text random text ids (plain GPT-2 ids) with random labels."""
+    return [(rng.integers(0, 1000, rng.integers(1, max_text + 1)).tolist(), int(rng.integers(0, 2)))
+            for _ in range(m)]
+
+
+def small_model(n, mask='isolated', pos='alibi', n_layer=2, seed=0, std=0.5):
+    """A tiny GPT whose weights are large enough that attention is far from uniform, so that a
+    token that is visible moves the logit clearly while an invisible one cannot move it at all."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID,
+                          n_layer=n_layer, n_head=2, n_embd=16, n=n, mask=mask, pos=pos))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:  # matrices and embeddings; layer norms and biases keep their init
+                p.normal_(0.0, std)
+    return model.eval()
+
+
+def target_logits(model, prompts):
+    """Logits of all targets of `prompts`, in order, from one padded batch."""
+    b = data.collate(prompts)
+    with torch.no_grad():
+        logits = model(b['idx'], b['item'], b['role'])
+    return logits[b['label'] >= 0]
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

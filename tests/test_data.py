@@ -1,0 +1,152 @@
+"""Tokenizer, block layout, SW prompts vs DTI streams, collation and the synthetic data set."""
+import socket
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+import data
+from conftest import random_history
+from data import LABEL, PAD, SUM, TEXT
+
+
+def test_tokenizer_is_gpt2_and_works_offline(monkeypatch):
+    def no_network(*args, **kwargs):
+        raise OSError('network used')
+    monkeypatch.setattr(socket, 'socket', no_network)
+    monkeypatch.setattr(socket, 'create_connection', no_network)
+    data.get_tokenizer.cache_clear()
+    enc = data.get_tokenizer()
+    assert enc.encode_ordinary('hello world') == [31373, 995]
+    assert enc.encode_ordinary('Hello, world!') == [15496, 11, 995, 0]
+    assert enc.n_vocab == data.VOCAB_SIZE
+
+
+def test_special_tokens_round_trip():
+    enc = data.get_tokenizer()
+    ids = [data.SUM_ID, data.YES_ID, data.NO_ID, data.PAD_ID]
+    assert enc.decode(ids) == '[SUM]<|yes|><|no|>[PAD]'
+    assert enc.encode('[SUM]<|yes|><|no|>[PAD]', allowed_special='all') == ids
+    # in item text they are plain text, never the special ids
+    assert not set(data.encode_text('[SUM] <|yes|>')) & set(ids)
+    assert enc.decode(data.encode_text('Heat (1995) | Action, Crime')) == 'Heat (1995) | Action, Crime'
+
+
+def blocks_of(prompt):
+    """Split a flat prompt back into its blocks: (text ids, label token, is target, target label)."""
+    out = []
+    for b in range(prompt['item'].max() + 1):
+        at = prompt['item'] == b
+        idx, role, label = prompt['idx'][at], prompt['role'][at], prompt['label'][at]
+        assert list(role) == [TEXT] * (len(role) - 2) + [SUM, LABEL]
+        assert idx[-2] == data.SUM_ID
+        assert (label[role != SUM] == -1).all()
+        out.append((list(idx[:-2]), int(idx[-1]), int(label[-2])))
+    return out
+
+
+def test_block_layout_and_sw_prompts(rng):
+    history = random_history(rng, 9)
+    n = 3
+    prompts = data.sw_prompts(history, n)
+    assert len(prompts) == len(history) - n
+    for i, p in zip(range(n, len(history)), prompts):
+        assert np.all(np.diff(p['item']) >= 0)
+        got = blocks_of(p)
+        assert [(t, lab) for t, lab, _ in got] == [(t, data.YES_ID if y else data.NO_ID) for t, y in history[i - n:i + 1]]
+        assert [target for *_, target in got] == [-1] * n + [history[i][1]]  # the target is the last block only
+
+
+@pytest.mark.parametrize('n,k,m', [(3, 4, 3), (3, 4, 4), (3, 4, 11), (3, 4, 15), (1, 1, 6), (5, 50, 40), (2, 7, 9)])
+def test_dti_streams_cover_every_target_once_in_sw_order(n, k, m, rng):
+    history = random_history(rng, m)
+    streams = data.dti_streams(history, n, k)
+    sw = data.sw_prompts(history, n)
+    assert len(streams) == -(-max(m - n, 0) // k)
+    sw_targets = [blocks_of(p)[-1] for p in sw]
+    dti_targets = []
+    for s in streams:
+        blocks = blocks_of(s)
+        assert [tgt for *_, tgt in blocks[:n]] == [-1] * n  # n context blocks first
+        assert 1 <= len(blocks) - n <= k
+        dti_targets += blocks[n:]
+    assert dti_targets == sw_targets
+    assert data.targets_of(streams) == data.targets_of(sw) == max(m - n, 0)
+
+
+def test_collate_pads_right(rng):
+    prompts = data.sw_prompts(random_history(rng, 5), 2) + data.dti_streams(random_history(rng, 12), 2, 10)
+    b = data.collate(prompts)
+    T = max(len(p['idx']) for p in prompts)
+    assert all(v.shape == (len(prompts), T) for v in b.values())
+    for row, p in enumerate(prompts):
+        L = len(p['idx'])
+        for key in ('idx', 'item', 'role', 'label'):
+            assert b[key][row, :L].tolist() == p[key].tolist()
+        assert (b['idx'][row, L:] == data.PAD_ID).all() and (b['role'][row, L:] == PAD).all()
+        assert (b['label'][row, L:] == -1).all() and (b['item'][row, L:] == -1).all()
+
+
+def test_segments_give_each_split_its_targets_with_full_windows():
+    ds = {'users': [[([i], i % 2) for i in range(10)]], 'split': [np.array([0] * 6 + [1] * 2 + [2] * 2)],
+          'prob': [np.arange(10) / 10]}
+    n = 4
+    runs, prob = data.segments(ds, 0, n)
+    assert [[t[0] for t, _ in r] for r in runs] == [[0, 1, 2, 3, 4, 5]] and prob.tolist() == [0.4, 0.5]
+    runs, prob = data.segments(ds, 1, n)  # context comes from the train split: history is history
+    assert [[t[0] for t, _ in r] for r in runs] == [[2, 3, 4, 5, 6, 7]] and prob.tolist() == [0.6, 0.7]
+    runs, prob = data.segments(ds, 2, 9)  # only interaction 9 has 9 predecessors
+    assert [len(r) for r in runs] == [10] and prob.tolist() == [0.9]
+
+
+@pytest.fixture(scope='module')
+def small_synthetic():
+    return {c: data.synthetic(n_users=80, n=5, canary=c, seed=3) for c in (None, 'future', 'far')}
+
+
+def decode(ids):
+    return data.get_tokenizer().decode(ids)
+
+
+def test_synthetic_click_probability_depends_only_on_the_window(small_synthetic):
+    """logit(prob) - mood_weight * (2 * mean label of the window - 1) must be one number per item
+    text: the item's own appeal. Anything hidden (the drifting taste, the user) would break that."""
+    ds, n = small_synthetic[None], 5
+    appeal = {}
+    for blocks, prob in zip(ds['users'], ds['prob']):
+        for t, (text_ids, _) in enumerate(blocks):
+            window = [y for _, y in blocks[max(0, t - n):t]]
+            z = np.log(prob[t] / (1 - prob[t])) - 2.0 * (2 * np.mean(window) - 1 if window else 0.0)
+            appeal.setdefault(decode(text_ids), []).append(z)
+    assert len(appeal) > 50
+    assert max(np.ptp(v) for v in appeal.values()) < 1e-6
+    assert np.std([v[0] for v in appeal.values()]) > 0.5  # and items really differ
+
+
+def test_synthetic_is_learnable_split_by_time_and_canaries_plant_what_they_say(small_synthetic):
+    ds = small_synthetic[None]
+    assert all(np.all(np.diff(s) >= 0) for s in ds['split'])
+    counts = np.bincount(np.concatenate(ds['split']), minlength=3) / sum(len(s) for s in ds['split'])
+    assert abs(counts[0] - 0.8) < 0.03 and abs(counts[1] - 0.1) < 0.03 and abs(counts[2] - 0.1) < 0.03
+    y = np.concatenate([[lab for _, lab in u] for u in ds['users']])
+    assert 0.3 < y.mean() < 0.85
+    assert roc_auc_score(y, np.concatenate(ds['prob'])) > 0.75
+
+    fut = small_synthetic['future']  # same seed: same items and labels, markers added
+    for u, v in zip(ds['users'], fut['users']):
+        assert [lab for _, lab in u] == [lab for _, lab in v]
+        for t in range(1, len(v)):
+            assert decode(v[t][0]) == decode(u[t][0]) + data.MARKS[u[t - 1][1]]
+
+    far, n = small_synthetic['far'], 5
+    agree, total, bound = 0, 0, []
+    for blocks, prob in zip(far['users'], far['prob']):
+        marks = [data.MARKS.index(' | ' + decode(t).rsplit(' | ', 1)[1]) for t, _ in blocks]
+        for t in range(n + 1, len(blocks)):
+            agree += marks[t - n - 1] == blocks[t][1]
+            total += 1
+    # the marker n+1 back predicts the label far above chance, yet prob (what the window shows)
+    # cannot use it: its AUC stays much lower than a model that reads the marker
+    assert agree / total > 0.75
+    yf = np.concatenate([[lab for _, lab in u] for u in far['users']])
+    assert roc_auc_score(yf, np.concatenate(far['prob'])) < 0.7

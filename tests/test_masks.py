@@ -1,0 +1,88 @@
+"""attention_mask against a brute-force double loop over the rules of DESIGN.md section 4."""
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import model
+from data import LABEL, PAD, SUM, TEXT
+from model import attention_mask
+
+
+def brute_force_mask(item, role, n, kind):
+    """DESIGN.md section 4, one (query, key) pair at a time."""
+    T = len(item)
+    allowed = np.zeros((T, T), dtype=bool)
+    for q in range(T):
+        for k in range(T):
+            if role[q] == PAD:
+                ok = k == q
+            elif kind == 'window':
+                ok = (k <= q and item[q] - item[k] <= n and role[k] != PAD
+                      and (role[k] != SUM or k == q))
+            elif role[q] == SUM:  # isolated, [SUM] of block i
+                ok = (k == q or (item[k] == item[q] and role[k] == TEXT)
+                      or (item[q] - n <= item[k] <= item[q] - 1 and role[k] in (TEXT, LABEL)))
+            else:                 # isolated, text or label
+                ok = item[k] == item[q] and k <= q and role[k] in (TEXT, LABEL)
+            allowed[q, k] = ok
+    return allowed
+
+
+layouts = st.fixed_dictionaries(dict(
+    m=st.integers(1, 12), n=st.integers(1, 4), k=st.integers(1, 5), seed=st.integers(0, 2**16),
+    max_text=st.integers(1, 5), mode=st.sampled_from(['sw', 'dti'])))
+
+
+def random_batch(m, n, k, seed, max_text, mode):
+    rng = np.random.default_rng(seed)
+    histories = [[(rng.integers(0, 1000, rng.integers(1, max_text + 1)).tolist(), int(rng.integers(0, 2)))
+                  for _ in range(m + int(rng.integers(0, 4)))] for _ in range(2)]
+    prompts = [p for h in histories
+               for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
+    if not prompts:  # too short for any target: the whole history as one prompt of context
+        prompts = [data._flatten(histories[0], first_target=len(histories[0]))]
+    return data.collate(prompts)
+
+
+@settings(max_examples=60, deadline=None)
+@given(layouts, st.sampled_from(['window', 'isolated']))
+def test_mask_matches_brute_force(layout, kind):
+    b = random_batch(**layout)
+    got = attention_mask(b['item'], b['role'], layout['n'], kind)             # (B, 1, T, T)
+    assert got.shape == (b['idx'].size(0), 1, b['idx'].size(1), b['idx'].size(1))
+    for row in range(b['idx'].size(0)):
+        want = brute_force_mask(b['item'][row].tolist(), b['role'][row].tolist(), layout['n'], kind)
+        assert np.array_equal(got[row, 0].numpy(), want)
+    assert got.any(-1).all(), 'a fully masked row would give NaN'
+
+
+def test_roles_agree_between_data_and_model():
+    assert (data.TEXT, data.SUM, data.LABEL, data.PAD) == (model.TEXT, model.SUM, model.LABEL, model.PAD)
+
+
+def test_nothing_reads_another_blocks_sum_and_pad_is_isolated():
+    b = random_batch(m=10, n=3, k=4, seed=1, max_text=4, mode='dti')
+    for kind in ('window', 'isolated'):
+        allowed = attention_mask(b['item'], b['role'], 3, kind)[:, 0]         # (B, T, T)
+        eye = torch.eye(allowed.size(-1), dtype=torch.bool)
+        sum_key = (b['role'] == SUM)[:, None, :]
+        pad_key = (b['role'] == PAD)[:, None, :]
+        assert not (allowed & sum_key & ~eye).any()
+        assert not (allowed & pad_key & ~eye).any()
+        assert (b['role'] == PAD).any(), 'the batch must hold padding for this test to mean anything'
+        assert torch.equal(allowed[b['role'] == PAD], eye.expand_as(allowed)[b['role'] == PAD])
+
+
+def test_one_layer_view_of_a_sum_is_its_sliding_window():
+    """Both masks give the [SUM] of block i exactly blocks i-n .. i (less [SUM]s and its own label)."""
+    b = random_batch(m=12, n=3, k=5, seed=2, max_text=4, mode='dti')
+    item, role = b['item'][0], b['role'][0]
+    for kind in ('window', 'isolated'):
+        allowed = attention_mask(b['item'], b['role'], 3, kind)[0, 0]
+        for q in torch.nonzero(role == SUM).flatten().tolist():
+            i = int(item[q])
+            want = ((item >= i - 3) & (item <= i) & (role != SUM) & (role != PAD)
+                    & ~((item == i) & (role == LABEL)))
+            want[q] = True
+            assert torch.equal(allowed[q], want), (kind, q)
