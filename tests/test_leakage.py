@@ -53,15 +53,15 @@ def test_no_future_leakage(mask, pos, n_layer, rng):
     """Changing anything after a target's [SUM], its own label included, leaves its logit alone."""
     model = small_model(n=2, mask=mask, pos=pos, n_layer=n_layer)
     stream = data.dti_streams(random_history(rng, 9), 2, 7)[0]
+    own_text_moves = []
     for q in sum_positions(stream):
         after = range(q + 1, len(stream['idx']))
-        if len(after) == 0:
-            continue
         before = logit_at(model, stream, q)
         assert abs(logit_at(model, perturbed(stream, after, rng), q) - before) < 1e-6, q
-        # and the check has teeth: changing the target's own text does move it
+        # the check has teeth: changing the target's own text does move its logit
         own_text = np.flatnonzero((stream['item'] == stream['item'][q]) & (np.arange(len(stream['idx'])) < q))
-        assert abs(logit_at(model, perturbed(stream, own_text, rng), q) - before) > 1e-3
+        own_text_moves.append(abs(logit_at(model, perturbed(stream, own_text, rng), q) - before))
+    assert max(own_text_moves) > 1e-2
 
 
 def older_than_window(prompt, q, n):

@@ -1,5 +1,6 @@
 """attention_mask against a brute-force double loop over the rules of DESIGN.md section 4."""
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -45,7 +46,7 @@ def random_batch(m, n, k, seed, max_text, mode):
     return data.collate(prompts)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(layouts, st.sampled_from(['window', 'isolated']))
 def test_mask_matches_brute_force(layout, kind):
     b = random_batch(**layout)
@@ -86,3 +87,19 @@ def test_one_layer_view_of_a_sum_is_its_sliding_window():
                     & ~((item == i) & (role == LABEL)))
             want[q] = True
             assert torch.equal(allowed[q], want), (kind, q)
+
+
+def test_alibi_bias_is_minus_slope_times_distance_where_allowed():
+    b = random_batch(m=14, n=4, k=20, seed=3, max_text=5, mode='dti')
+    allowed = attention_mask(b['item'], b['role'], 4, 'isolated')             # (B, 1, T, T)
+    bias = model.attention_bias(allowed, 4, 'alibi')                           # (B, 4, T, T)
+    T = allowed.size(-1)
+    dist = np.subtract.outer(np.arange(T), np.arange(T))                       # q - k
+    for row in range(allowed.size(0)):
+        ok = allowed[row, 0].numpy()
+        assert dist[ok].max() > 20, 'the layout must reach far back'
+        for h in range(4):
+            slope = 2.0 ** (-8.0 * (h + 1) / 4)
+            np.testing.assert_allclose(bias[row, h].numpy()[ok], -slope * dist[ok], rtol=1e-6)
+            assert np.all(bias[row, h].numpy()[~ok] == -np.inf)
+    assert model.attention_bias(allowed, 4, 'learned') is allowed
