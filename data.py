@@ -187,6 +187,6 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
         users.append(blocks)
         splits.append(np.searchsorted([0.8, 0.9], times, side='right'))
         probs.append(np.array(prob))
-    cache = {}
-    users = [[(cache.setdefault(s, encode_text(s)), y) for s, y in blocks] for blocks in users]
+    ids = {s: encode_text(s) for s in {s for blocks in users for s, _ in blocks}}  # each text once
+    users = [[(ids[s], y) for s, y in blocks] for blocks in users]
     return dict(users=users, split=splits, prob=probs, name='synthetic' + (f'-{canary}' if canary else ''))
