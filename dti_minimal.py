@@ -4,9 +4,12 @@ Isolation streams (DTI), evaluate it, and write DIR/results.json.
 
     python dti_minimal.py --mode dti            # n=20 context blocks, k=50 targets per stream
     python dti_minimal.py --mode sw             # the same model and data, one prompt per target
+    python dti_minimal.py --mode compare        # both, same init and targets: DIR/compare.json
+    python dti_minimal.py --mode compare --k 1,5,10,20,50,100 --max-train-targets 3000  # k sweep
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -17,7 +20,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 import data
-from model import GPT, GPTConfig, ctr_loss
+from model import GPT, GPTConfig, attention_mask, ctr_loss
 
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far']
 
@@ -28,15 +31,27 @@ def die(msg):
     sys.exit(2)
 
 
+def k_list(text):
+    """'50' -> [50]; '1,5,50' -> [1, 5, 50] (a k sweep)."""
+    try:
+        ks = [int(v) for v in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'takes whole numbers separated by commas, got {text!r}')
+    if min(ks) < 1:
+        raise argparse.ArgumentTypeError(f'must be at least 1, got {text}')
+    return ks
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die  # one line, exit 2, also for argparse's own complaints
-    p.add_argument('--mode', choices=['sw', 'dti'], default='dti', help='training paradigm')
+    p.add_argument('--mode', choices=['sw', 'dti', 'compare'], default='dti',
+                   help='training paradigm, or compare: SW and DTI back to back')
     p.add_argument('--dataset', choices=DATASETS, default='synthetic',
                    help="data set; the -future / -far variants are leakage canaries")
     p.add_argument('--users', type=int, default=600, help='number of synthetic users')
     p.add_argument('--n', type=int, default=20, help='context blocks each target sees')
-    p.add_argument('--k', type=int, default=50, help='targets per DTI stream')
+    p.add_argument('--k', type=k_list, default=[50], help='targets per DTI stream; a list such as 1,5,50 sweeps k (compare)')
     p.add_argument('--mask', choices=['isolated', 'window'], default='isolated')
     p.add_argument('--pos', choices=['alibi', 'learned'], default='alibi')
     p.add_argument('--n-layer', type=int, default=2)
@@ -44,7 +59,10 @@ def parse_args(argv=None):
     p.add_argument('--n-embd', type=int, default=64)
     p.add_argument('--block-size', type=int, default=2048, help='longest prompt (learned positions)')
     p.add_argument('--dropout', type=float, default=0.0)
+    p.add_argument('--attn', choices=['sparse', 'dense'], default='sparse',
+                   help='block-sparse tiles (fast) or one dense SDPA call (the reference)')
     p.add_argument('--epochs', type=int, default=4)
+    p.add_argument('--max-train-targets', type=int, default=None, help='train on the first N targets only')
     p.add_argument('--batch-size', type=int, default=256, help='targets per optimizer step, both modes')
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--weight-decay', type=float, default=0.01)
@@ -54,7 +72,11 @@ def parse_args(argv=None):
     p.add_argument('--eval-mode', choices=['sw', 'dti'], default='sw',
                    help='score valid/test targets with SW prompts (default) or DTI streams')
     args = p.parse_args(argv)
-    for name in ('users', 'n', 'k', 'n_layer', 'n_head', 'n_embd', 'block_size', 'epochs', 'batch_size'):
+    if len(args.k) > 1 and args.mode != 'compare':
+        die('a list of k values is a sweep: use it with --mode compare')
+    if args.max_train_targets is not None and args.max_train_targets < 1:
+        die(f'--max-train-targets must be at least 1, got {args.max_train_targets}')
+    for name in ('users', 'n', 'n_layer', 'n_head', 'n_embd', 'block_size', 'epochs', 'batch_size'):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.n_embd % args.n_head:
@@ -72,62 +94,110 @@ def load_dataset(args):
 def build_model(args):
     config = GPTConfig(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID,
                        n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n=args.n,
-                       mask=args.mask, pos=args.pos, block_size=args.block_size, dropout=args.dropout)
+                       mask=args.mask, pos=args.pos, block_size=args.block_size, dropout=args.dropout,
+                       attn=args.attn)
     return GPT(config).to(args.device)
 
 
-def make_prompts(ds, split, mode, n, k):
-    """The prompts (SW) or streams (DTI) whose targets are the interactions of `split`, and the
-    targets' true click probabilities in the order the prompts hold them."""
+def make_prompts(ds, split, mode, n, k, max_targets=None):
+    """The prompts (SW) or streams (DTI) whose targets are the interactions of `split` (the first
+    max_targets of them, if given), and the targets' true click probabilities in prompt order."""
     runs, prob = data.segments(ds, split, n)
+    if max_targets is not None:
+        kept, left = [], max_targets
+        for r in runs:
+            if left > 0:
+                kept.append(r[:n + left])
+                left -= len(kept[-1]) - n
+        runs, prob = kept, prob[:max_targets]
     make = (lambda r: data.sw_prompts(r, n)) if mode == 'sw' else (lambda r: data.dti_streams(r, n, k))
     return [p for r in runs for p in make(r)], prob
 
 
 def batches(prompts, batch_targets, rng):
-    """Shuffled batches of whole prompts holding about batch_targets targets each."""
-    batch, count = [], 0
-    for i in rng.permutation(len(prompts)):
-        batch.append(prompts[i])
-        count += int((prompts[i]['label'] >= 0).sum())
-        if count >= batch_targets:
-            yield batch
-            batch, count = [], 0
-    if batch:
-        yield batch
+    """Shuffled batches of whole prompts holding about batch_targets targets each. Prompts of
+    similar length go together (sorted inside shuffled pools of ~32 batches): little padding."""
+    n_targets = [int((p['label'] >= 0).sum()) for p in prompts]
+    pool = 32 * max(1, round(batch_targets * len(prompts) / sum(n_targets)))
+    order = rng.permutation(len(prompts))
+    out = []
+    for s in range(0, len(order), pool):
+        batch, count = [], 0
+        for i in sorted(order[s:s + pool], key=lambda i: len(prompts[i]['idx'])):
+            batch.append(prompts[i])
+            count += n_targets[i]
+            if count >= batch_targets:
+                out.append(batch)
+                batch, count = [], 0
+        if batch:
+            out.append(batch)
+    return [out[i] for i in rng.permutation(len(out))]
 
 
-def train(model, prompts, args):
-    """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, losses per step)."""
+def learning_rate(step, total_steps, lr):
+    """nanoGPT's schedule: linear warm-up over the first 10% of steps, then cosine decay to lr/10."""
+    warmup = max(1, total_steps // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def train(model, prompts, args, desc='train'):
+    """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, per-step records
+    (seconds, targets, loss)); the clock covers collation, forward, backward and the update."""
     rng = np.random.default_rng(args.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
-                             dict(params=no_decay, weight_decay=0.0)], lr=args.lr)
+                             dict(params=no_decay, weight_decay=0.0)], lr=args.lr, fused=True)
     per_epoch = data.targets_of(prompts)
-    steps = args.epochs * -(-per_epoch // args.batch_size)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=steps + args.epochs,
-                                                pct_start=0.1)
+    epochs = [batches(prompts, args.batch_size, rng) for _ in range(args.epochs)]
+    total_steps = sum(map(len, epochs))
     model.train()
-    seen, seconds, losses = 0, 0.0, []
-    bar = tqdm(total=args.epochs * per_epoch, unit='target', desc=f'train {args.mode}', dynamic_ncols=True)
-    for epoch in range(args.epochs):
-        for batch in batches(prompts, args.batch_size, rng):
+    seen, seconds, records = 0, 0.0, []
+    bar = tqdm(total=args.epochs * per_epoch, unit='target', desc=desc, dynamic_ncols=True)
+    for epoch, epoch_batches in enumerate(epochs):
+        for batch in epoch_batches:
             t0 = time.perf_counter()
+            for group in opt.param_groups:
+                group['lr'] = learning_rate(len(records), total_steps, args.lr)
             b = {key: v.to(args.device) for key, v in data.collate(batch).items()}
             loss = ctr_loss(model(b['idx'], b['item'], b['role']), b['label'])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
-            seconds += time.perf_counter() - t0
-            n_targets = int((b['label'] >= 0).sum())
-            seen += n_targets
-            losses.append(loss.item())
+            n_targets, step_seconds = int((b['label'] >= 0).sum()), time.perf_counter() - t0
+            seen, seconds = seen + n_targets, seconds + step_seconds
+            records.append((step_seconds, n_targets, loss.item()))
+            bar.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.4f}', targets_per_s=f'{seen / seconds:.0f}',
+                            refresh=False)
             bar.update(n_targets)
-            bar.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.4f}', targets_per_s=f'{seen / seconds:.0f}')
     bar.close()
-    return seen, seconds, losses
+    return seen, seconds, records
+
+
+def median_ms_per_target(records):
+    """Median over steps of step time per target, warm-up (the first 5% of steps, at least 3) left out."""
+    steady = records[max(3, len(records) // 20):] or records
+    return 1000 * float(np.median([sec / n for sec, n, _ in steady]))
+
+
+def flops_per_target(prompts, args):
+    """Analytic training FLOPs per target (backward = 2x forward, so 3x a forward pass). A forward
+    layer costs 24*T*C^2 in its projections and MLP (qkv 6, output 2, MLP 16) and 4*C per allowed
+    query-key pair in attention (QK^T and AV); the read-out costs 2*T*C. T counts real tokens,
+    pairs are those the mask allows. Layer norms, softmax, embeddings and the optimizer are left out."""
+    C, L = args.n_embd, args.n_layer
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]['idx']))
+    total = 0
+    for s in range(0, len(order), 64):
+        b = data.collate([prompts[i] for i in order[s:s + 64]])
+        real = b['role'] != data.PAD                                               # (B, T)
+        pairs = int((attention_mask(b['item'], b['role'], args.n, args.mask)[:, 0] & real[:, :, None]).sum())
+        T = int(real.sum())
+        total += 3 * (L * (24 * T * C * C + 4 * pairs * C) + 2 * T * C)
+    return total / data.targets_of(prompts)
 
 
 @torch.no_grad()
@@ -173,29 +243,36 @@ def writable_folder(path):
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if not writable_folder(args.out):
-        die(f'output folder {args.out} cannot be written')
-    torch.manual_seed(args.seed)
-    ds = load_dataset(args)
-    train_prompts, _ = make_prompts(ds, 0, args.mode, args.n, args.k)
-    evals = {name: make_prompts(ds, split, args.eval_mode, args.n, args.k) for split, name in ((1, 'valid'), (2, 'test'))}
+def prepare(args, ds, mode, k):
+    """Train prompts and valid/test prompts for one run, or a one-line error before any work."""
+    train_prompts, _ = make_prompts(ds, 0, mode, args.n, k, args.max_train_targets)
+    evals = {name: make_prompts(ds, split, args.eval_mode, args.n, k) for split, name in ((1, 'valid'), (2, 'test'))}
     if not train_prompts or not all(prompts for prompts, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
     longest = max(len(p['idx']) for p in train_prompts + evals['valid'][0] + evals['test'][0])
     if args.pos == 'learned' and longest > args.block_size:
         die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
-    model = build_model(args)
-    print(f'{ds["name"]}: {len(train_prompts)} {args.mode} prompts, {data.targets_of(train_prompts)} '
-          f'train targets, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
+    return train_prompts, evals
 
-    targets_trained, train_seconds, losses = train(model, train_prompts, args)
-    res = dict(mode=args.mode, dataset=args.dataset, n=args.n, k=args.k, mask=args.mask, pos=args.pos,
+
+def run(args, ds, mode, k, prepared, init=None):
+    """Train one model (from the state `init` if given), evaluate it, return its results."""
+    train_prompts, evals = prepared
+    torch.manual_seed(args.seed)
+    model = build_model(args)
+    if init is not None:
+        model.load_state_dict(init)
+    print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {data.targets_of(train_prompts)} train targets, '
+          f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
+    targets_trained, train_seconds, records = train(model, train_prompts, args, desc=f'train {mode}')
+    res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos,
                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=args.seed,
                targets_trained=targets_trained, train_seconds=train_seconds,
                time_per_target_ms=1000 * train_seconds / targets_trained,
-               first_loss=float(np.mean(losses[:10])), last_loss=float(np.mean(losses[-10:])))
+               median_time_per_target_ms=median_ms_per_target(records),
+               flops_per_target=flops_per_target(train_prompts, args),
+               first_loss=float(np.mean([r[2] for r in records[:10]])),
+               last_loss=float(np.mean([r[2] for r in records[-10:]])))
     for name, (prompts, prob) in evals.items():
         labels = target_labels(prompts)
         m = metrics(predict(model, prompts, args.device), labels)
@@ -203,18 +280,71 @@ def main(argv=None):
         res[f'{name}_bayes_auc'] = float(roc_auc_score(labels, prob))
     res['bayes_auc'] = res['test_bayes_auc']
     res['args'] = vars(args)
+    return res, model
 
-    os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, 'results.json.tmp')
+
+def write_json(folder, name, obj):
+    """Atomically: a temporary file, then os.replace."""
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, name + '.tmp')
     with open(tmp, 'w') as f:
-        json.dump(res, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, 'results.json'))
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, os.path.join(folder, name))
+    return os.path.join(folder, name)
+
+
+def compare(args, ds):
+    """SW and DTI back to back: same initial weights, data, targets, epochs and mask. One SW run,
+    one DTI run per k. Speed-ups are ratios of median step times per target in this process."""
+    prepared = {('sw', None): prepare(args, ds, 'sw', None)}
+    prepared.update({('dti', k): prepare(args, ds, 'dti', k) for k in args.k})
+    torch.manual_seed(args.seed)
+    init = build_model(args).state_dict()
+    sw, _ = run(args, ds, 'sw', None, prepared['sw', None], init)
+    sweep = []
+    for k in args.k:
+        dti, _ = run(args, ds, 'dti', k, prepared['dti', k], init)
+        assert dti['targets_trained'] == sw['targets_trained']
+        sweep.append(dict(k=k, dti_time_per_target_ms=dti['median_time_per_target_ms'],
+                          speedup=sw['median_time_per_target_ms'] / dti['median_time_per_target_ms'],
+                          analytic_speedup=sw['flops_per_target'] / dti['flops_per_target'],
+                          token_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
+                          dti_test_auc=dti['test_auc'], dti_test_logloss=dti['test_logloss'],
+                          dti_train_seconds=dti['train_seconds']))
+    res = dict(sweep[0], sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
+               sw_test_logloss=sw['test_logloss'], sw_flops_per_target=sw['flops_per_target'],
+               sw_train_seconds=sw['train_seconds'], bayes_auc=sw['bayes_auc'], n=args.n, mask=args.mask,
+               targets_trained=sw['targets_trained'], torch=torch.__version__, threads=torch.get_num_threads(),
+               sweep=sweep, args=vars(args))
+    path = write_json(args.out, 'compare.json', res)
+    print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, {sw['targets_trained']} targets trained each, "
+          f"medians of step time per target")
+    print(f"{'':>8} {'ms/target':>10} {'speed-up':>9} {'analytic':>9} {'n*k/(n+k)':>10} {'test AUC':>9}")
+    print(f"{'SW':>8} {sw['median_time_per_target_ms']:10.3f} {'1.0x':>9} {'1.0x':>9} {'':>10} {sw['test_auc']:9.4f}")
+    for r in sweep:
+        print(f"{'DTI k=' + str(r['k']):>8} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
+              f"{r['analytic_speedup']:8.1f}x {r['token_ratio']:9.1f}x {r['dti_test_auc']:9.4f}")
+    print(f'wrote {path}')
+    return res
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not writable_folder(args.out):
+        die(f'output folder {args.out} cannot be written')
+    ds = load_dataset(args)
+    if args.mode == 'compare':
+        return compare(args, ds)
+    k = args.k[0]
+    res, _ = run(args, ds, args.mode, k, prepare(args, ds, args.mode, k))
+    path = write_json(args.out, 'results.json', res)
     print(f"\n{'':6} {'AUC':>7} {'LogLoss':>8} {'F1':>7} {'Acc':>7} {'Bayes AUC':>10}")
     for name in ('valid', 'test'):
         print(f"{name:6} {res[name + '_auc']:7.4f} {res[name + '_logloss']:8.4f} {res[name + '_f1']:7.4f} "
               f"{res[name + '_acc']:7.4f} {res[name + '_bayes_auc']:10.4f}")
-    print(f"{args.mode}: {targets_trained} targets in {train_seconds:.1f}s, "
-          f"{res['time_per_target_ms']:.3f} ms per target; wrote {os.path.join(args.out, 'results.json')}")
+    print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
+          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per target "
+          f"(analytic); wrote {path}")
     return res
 
 

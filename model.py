@@ -30,9 +30,30 @@ class GPTConfig:
     pos: str = 'alibi'        # 'alibi' (relative) | 'learned' (absolute, nanoGPT's wpe)
     block_size: int = 2048    # longest prompt; only learned positions are bounded by it
     dropout: float = 0.0
+    attn: str = 'sparse'      # 'sparse' (block-sparse tiles) | 'dense' (one SDPA call, the reference)
+    tile: int = 32            # query rows per tile of the sparse path
 
 # -----------------------------------------------------------------------------
 # attention masks: boolean algebra over (query, key) index grids
+
+
+def allowed_pairs(qi, qr, qpos, ki, kr, kpos, n, kind):
+    """The rules of both masks on any grid: queries (..., Q) against keys (..., K) -> (..., Q, K)
+    bool. qi/ki are block indices, qr/kr roles, qpos/kpos token positions inside the prompt."""
+    qi, qr, qpos = qi[..., :, None], qr[..., :, None], qpos[..., :, None]      # (..., Q, 1)
+    ki, kr, kpos = ki[..., None, :], kr[..., None, :], kpos[..., None, :]      # (..., 1, K)
+    self_ = qpos == kpos                                                       # (B, Q, K)
+    readable = (kr != SUM) & (kr != PAD)                                       # (B, 1, K)
+    back = qi - ki                                                             # (B, Q, K) blocks between q and k
+    if kind == 'window':
+        allowed = (kpos <= qpos) & (back <= n) & readable
+    elif kind == 'isolated':
+        own_block = (back == 0) & (kpos <= qpos) & readable
+        window = (back >= 1) & (back <= n) & readable                          # blocks i-n .. i-1, text and label
+        allowed = torch.where(qr == SUM, (own_block & (kr == TEXT)) | window, own_block)
+    else:
+        raise ValueError(f'unknown mask {kind!r}')
+    return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))     # (B, Q, K)
 
 
 def attention_mask(item, role, n, kind):
@@ -63,24 +84,8 @@ def attention_mask(item, role, n, kind):
     `window` leaks: t1 saw block 0, so S2 reads block 0 through t1's hidden state. `isolated`
     cannot leak: a text or label state depends on its own block only.
     """
-    T = item.size(1)
-    pos = torch.arange(T, device=item.device)
-    qpos, kpos = pos[:, None], pos[None, :]                      # (T, 1), (1, T)
-    qi, ki = item[:, :, None], item[:, None, :]                  # (B, T, 1), (B, 1, T)
-    qr, kr = role[:, :, None], role[:, None, :]                  # (B, T, 1), (B, 1, T)
-    self_ = qpos == kpos                                         # (T, T)
-    readable = (kr != SUM) & (kr != PAD)                         # (B, 1, T)
-    back = qi - ki                                               # (B, T, T) blocks between q and k
-    if kind == 'window':
-        allowed = (kpos <= qpos) & (back <= n) & readable
-    elif kind == 'isolated':
-        own_block = (back == 0) & (kpos <= qpos) & readable
-        window = (back >= 1) & (back <= n) & readable            # blocks i-n .. i-1, text and label
-        allowed = torch.where(qr == SUM, (own_block & (kr == TEXT)) | window, own_block)
-    else:
-        raise ValueError(f'unknown mask {kind!r}')
-    allowed = torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))  # (B, T, T)
-    return allowed[:, None]                                      # (B, 1, T, T)
+    pos = torch.arange(item.size(1), device=item.device).expand_as(item)      # (B, T)
+    return allowed_pairs(item, role, pos, item, role, pos, n, kind)[:, None]  # (B, 1, T, T)
 
 
 def alibi_slopes(n_head):
@@ -88,16 +93,78 @@ def alibi_slopes(n_head):
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
 
 
-def attention_bias(allowed, n_head, pos):
-    """Bool mask -> what SDPA gets: the mask itself, or with ALiBi a float mask that holds the
-    bias -slope_h * (q - k) where allowed and -inf elsewhere: (B, 1|nh, T, T)."""
-    if pos != 'alibi':
-        return allowed
-    T = allowed.size(-1)
-    dist = torch.arange(T, device=allowed.device)
-    dist = (dist[:, None] - dist[None, :]).float()                                  # (T, T)
-    bias = -alibi_slopes(n_head).to(allowed.device)[:, None, None] * dist           # (nh, T, T)
-    return bias.masked_fill(~allowed, float('-inf'))                                # (B, nh, T, T)
+def sdpa_mask(allowed, qpos, kpos, slopes=None):
+    """Bool (B, ..., Q, K) -> what SDPA takes: (B, 1, ..., Q, K) bool, or with ALiBi slopes (nh,)
+    a float mask holding the bias -slope_h * (q - k) where allowed, -inf elsewhere: (B, nh, ..., Q, K)."""
+    if slopes is None:
+        return allowed[:, None]                                                # (B, 1, ..., Q, K)
+    dist = (qpos[..., :, None] - kpos[..., None, :]).float()                   # (B, ..., Q, K)
+    bias = -slopes.view(-1, *[1] * (allowed.dim() - 1)) * dist[:, None]        # (B, nh, ..., Q, K)
+    return bias.masked_fill(~allowed[:, None], float('-inf'))                  # (B, nh, ..., Q, K)
+
+# -----------------------------------------------------------------------------
+# block-sparse attention: the masks are block-structured, so compute only what a rule can reach
+
+
+def sparse_plan(item, role, n, kind, n_head, slopes=None, tile=32):
+    """The tiles of the block-sparse path, built once per forward and shared by every layer.
+
+    Query rows are grouped (under `isolated`, [SUM] rows apart from the others: only they read
+    the window, text and label rows read their own block) and cut into tiles of `tile` rows in
+    order. Each tile gets the one key range [lo, hi) its rows can reach, from the first token of
+    the oldest block they may read up to the last of them; the keys of a group's tiles are
+    gathered side by side, so one SDPA call per group computes every tile and nothing else. No
+    (T, T) mask is ever built. PAD rows attend only themselves: their output is their value.
+    Returns one (query positions (B, tiles*tile), real slots, lo, hi, key positions (tiles, K),
+    SDPA mask (B, nh*tiles, tile, K)) per group."""
+    B, T = item.shape
+    mono = torch.where(role == PAD, item.max() + n + 2, item).contiguous()     # (B, T) non-decreasing
+    real = role != PAD
+    groups = [(real & (role == SUM), n), (real & (role != SUM), 0)] if kind == 'isolated' else [(real, n)]
+    plan = []
+    for rows, reach in groups:
+        count = rows.sum(1)                                                    # (B,)
+        n_tiles = -(-int(count.max()) // tile)
+        if n_tiles == 0:
+            continue
+        order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)      # (B, T) the group's rows first
+        qp = F.pad(order, (0, max(0, n_tiles * tile - T)))[:, :n_tiles * tile]   # (B, tiles*tile)
+        ok = torch.arange(n_tiles * tile, device=item.device) < count[:, None]  # (B, tiles*tile) real slots
+        qp, ok = qp.view(B, n_tiles, tile), ok.view(B, n_tiles, tile)          # (B, tiles, tile)
+        qi, qr = item.gather(1, qp.flatten(1)).view_as(qp), role.gather(1, qp.flatten(1)).view_as(qp)
+        first = torch.searchsorted(mono, (qi - reach).flatten(1)).view_as(qp)  # (B, tiles, tile) oldest key
+        lo = torch.where(ok, first, T).amin(dim=(0, 2))                        # (tiles,)
+        hi = torch.where(ok, qp + 1, 0).amax(dim=(0, 2))                       # (tiles,)
+        kp = lo[:, None] + torch.arange(int((hi - lo).max()), device=item.device)  # (tiles, K)
+        in_range = kp < hi[:, None]                                            # (tiles, K)
+        kp = kp.clamp(max=T - 1)
+        allowed = allowed_pairs(qi, qr, qp, item[:, kp], role[:, kp], kp.expand(B, -1, -1), n, kind)
+        allowed = (allowed & in_range[:, None, :]) | ~ok[..., None]  # filler rows see all, then are dropped
+        mask = sdpa_mask(allowed, qp, kp, slopes)                              # (B, 1|nh, tiles, tile, K)
+        mask = mask.expand(B, n_head, *mask.shape[2:]).reshape(B, n_head * n_tiles, tile, -1)
+        plan.append((qp.flatten(1), ok.flatten(1), lo, hi, kp, mask))
+    return plan
+
+
+def sparse_attention(q, k, v, plan, dropout_p=0.0):
+    """SDPA over a sparse_plan, one call per group: (B, nh, T, hs) like the dense call. Rows are
+    put back in place with one index_put; PAD rows keep their value (they attend only themselves)."""
+    B, nh, T, hs = q.shape
+    rows = torch.arange(B, device=q.device)[:, None]
+    b_idx, t_idx, ys = [], [], []
+    for qp, ok, lo, hi, kp, mask in plan:
+        n_tiles, K = kp.shape
+        qt = q.gather(2, qp[:, None, :, None].expand(B, nh, -1, hs))            # (B, nh, tiles*tile, hs)
+        qt = qt.view(B, nh * n_tiles, -1, hs)                                  # (B, nh*tiles, tile, hs)
+        kt = k[:, :, kp].view(B, nh * n_tiles, K, hs)                          # (B, nh*tiles, K, hs)
+        vt = v[:, :, kp].view(B, nh * n_tiles, K, hs)                          # (B, nh*tiles, K, hs)
+        yt = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
+        yt = yt.view(B, nh, -1, hs).transpose(1, 2)                            # (B, tiles*tile, nh, hs)
+        b_idx.append(rows.expand_as(qp)[ok])
+        t_idx.append(qp[ok])
+        ys.append(yt[ok])                                                      # (N, nh, hs)
+    y = v.transpose(1, 2).index_put((torch.cat(b_idx), torch.cat(t_idx)), torch.cat(ys))  # (B, T, nh, hs)
+    return y.transpose(1, 2)                                                   # (B, nh, T, hs)
 
 # -----------------------------------------------------------------------------
 # the decoder
@@ -113,14 +180,17 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, attn_mask):
+    def forward(self, x, plan):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)                     # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)        # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)        # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)        # (B, nh, T, hs)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        p = self.dropout if self.training else 0.0
+        if isinstance(plan, list):
+            y = sparse_attention(q, k, v, plan, dropout_p=p)                   # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan, dropout_p=p)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                       # (B, T, C)
         return self.resid_dropout(self.c_proj(y))                              # (B, T, C)
 
@@ -147,8 +217,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask):
-        x = x + self.attn(self.ln_1(x), attn_mask)                             # (B, T, C)
+    def forward(self, x, plan):
+        x = x + self.attn(self.ln_1(x), plan)                             # (B, T, C)
         return x + self.mlp(self.ln_2(x))                                      # (B, T, C)
 
 
@@ -157,6 +227,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.mask in ('isolated', 'window') and config.pos in ('alibi', 'learned')
+        assert config.attn in ('sparse', 'dense')
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -188,14 +259,19 @@ class GPT(nn.Module):
                 raise ValueError(f'prompt of {T} tokens is longer than block_size={cfg.block_size}')
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         x = self.transformer.drop(x)
-        allowed = attention_mask(item, role, cfg.n, cfg.mask)                  # (B, 1, T, T)
-        attn_mask = attention_bias(allowed, cfg.n_head, cfg.pos)               # (B, 1|nh, T, T)
+        # who sees whom, worked out once for all layers: tiles (sparse) or one dense mask
+        slopes = alibi_slopes(cfg.n_head).to(x.device) if cfg.pos == 'alibi' else None
+        if cfg.attn == 'sparse':
+            plan = sparse_plan(item, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
+        else:
+            pos = torch.arange(T, device=idx.device).expand(B, T)              # (B, T)
+            plan = sdpa_mask(attention_mask(item, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
         for block in self.transformer.h:
-            x = block(x, attn_mask)                                            # (B, T, C)
+            x = block(x, plan)                                                 # (B, T, C)
         x = self.transformer.ln_f(x)                                           # (B, T, C)
         # the LM head restricted to two rows: logit(yes) - logit(no), never the whole vocabulary
-        wte = self.transformer.wte.weight
-        return x @ (wte[cfg.yes_id] - wte[cfg.no_id])                          # (B, T)
+        yes, no = self.transformer.wte(torch.tensor([cfg.yes_id, cfg.no_id], device=x.device))  # (2, C)
+        return x @ (yes - no)                                                  # (B, T)
 
 
 def ctr_loss(logits, label):

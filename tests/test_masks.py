@@ -92,8 +92,9 @@ def test_one_layer_view_of_a_sum_is_its_sliding_window():
 def test_alibi_bias_is_minus_slope_times_distance_where_allowed():
     b = random_batch(m=14, n=4, k=20, seed=3, max_text=5, mode='dti')
     allowed = attention_mask(b['item'], b['role'], 4, 'isolated')             # (B, 1, T, T)
-    bias = model.attention_bias(allowed, 4, 'alibi')                           # (B, 4, T, T)
     T = allowed.size(-1)
+    pos = torch.arange(T).expand(allowed.size(0), T)
+    bias = model.sdpa_mask(allowed[:, 0], pos, pos, model.alibi_slopes(4))    # (B, 4, T, T)
     dist = np.subtract.outer(np.arange(T), np.arange(T))                       # q - k
     for row in range(allowed.size(0)):
         ok = allowed[row, 0].numpy()
@@ -102,4 +103,4 @@ def test_alibi_bias_is_minus_slope_times_distance_where_allowed():
             slope = 2.0 ** (-8.0 * (h + 1) / 4)
             np.testing.assert_allclose(bias[row, h].numpy()[ok], -slope * dist[ok], rtol=1e-6)
             assert np.all(bias[row, h].numpy()[~ok] == -np.inf)
-    assert model.attention_bias(allowed, 4, 'learned') is allowed
+    assert torch.equal(model.sdpa_mask(allowed[:, 0], pos, pos), allowed)

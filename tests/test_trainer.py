@@ -25,7 +25,7 @@ def test_end_to_end_run_writes_results(mode, tmp_path):
     res = dti_minimal.main(TINY + ['--mode', mode, '--out', str(tmp_path)])
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert set(KEYS) <= set(saved) and saved == json.loads(json.dumps(res))
-    assert saved['mode'] == mode and saved['args']['k'] == 10 and saved['n'] == 5
+    assert saved['mode'] == mode and saved['args']['k'] == [10] and saved['k'] == 10 and saved['n'] == 5
     assert saved['targets_trained'] > 500 and saved['time_per_target_ms'] > 0
     assert 0.5 < saved['bayes_auc'] < 1 and 0 <= saved['test_auc'] <= 1
     assert not list(tmp_path.glob('*.tmp'))
@@ -34,7 +34,7 @@ def test_end_to_end_run_writes_results(mode, tmp_path):
 def test_training_reduces_the_loss():
     args = dti_minimal.parse_args(TINY + ['--epochs', '3', '--lr', '3e-3'])
     ds = dti_minimal.load_dataset(args)
-    prompts, _ = dti_minimal.make_prompts(ds, 0, 'dti', args.n, args.k)
+    prompts, _ = dti_minimal.make_prompts(ds, 0, 'dti', args.n, args.k[0])
     torch.manual_seed(0)
     model = dti_minimal.build_model(args)
     b = data.collate(prompts)
@@ -43,8 +43,9 @@ def test_training_reduces_the_loss():
         with torch.no_grad():
             return ctr_loss(model(b['idx'], b['item'], b['role']), b['label']).item()
     before = loss()
-    trained, seconds, losses = dti_minimal.train(model, prompts, args)
-    assert trained == 3 * data.targets_of(prompts) and seconds > 0 and len(losses) > 10
+    trained, seconds, records = dti_minimal.train(model, prompts, args)
+    assert trained == 3 * data.targets_of(prompts) == sum(n for _, n, _ in records)
+    assert seconds > 0 and len(records) > 10
     assert loss() < before - 0.05, (before, loss())
 
 
@@ -53,15 +54,18 @@ def test_sw_and_dti_evaluation_agree_under_isolated_alibi():
     args = dti_minimal.parse_args(TINY)
     ds = dti_minimal.load_dataset(args)
     model = dti_minimal.build_model(args)
-    sw, p_sw = dti_minimal.make_prompts(ds, 2, 'sw', args.n, args.k)
-    dti, p_dti = dti_minimal.make_prompts(ds, 2, 'dti', args.n, args.k)
+    sw, p_sw = dti_minimal.make_prompts(ds, 2, 'sw', args.n, args.k[0])
+    dti, p_dti = dti_minimal.make_prompts(ds, 2, 'dti', args.n, args.k[0])
     assert np.array_equal(p_sw, p_dti)
     assert np.array_equal(dti_minimal.target_labels(sw), dti_minimal.target_labels(dti))
     np.testing.assert_allclose(dti_minimal.predict(model, dti), dti_minimal.predict(model, sw), atol=1e-5)
 
 
 @pytest.mark.parametrize('flags,message', [
-    (['--k', '0'], '--k must be at least 1'),
+    (['--k', '0'], 'argument --k: must be at least 1'),
+    (['--k', 'ten'], 'argument --k: takes whole numbers'),
+    (['--k', '5,10'], 'use it with --mode compare'),
+    (['--max-train-targets', '0'], '--max-train-targets must be at least 1'),
     (['--n', '0'], '--n must be at least 1'),
     (['--n-embd', '30', '--n-head', '4'], 'not divisible'),
     (['--mask', 'causal'], "invalid choice: 'causal'"),
@@ -76,3 +80,39 @@ def test_bad_input_is_one_line_exit_2(flags, message, tmp_path):
     assert message in r.stderr and 'Traceback' not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not (out / 'results.json').exists()
+
+
+def test_flops_per_target_matches_a_hand_count():
+    """One SW prompt of two blocks [t S L][t S L], n=1, C=4, one layer. Allowed pairs:
+    isolated t0:1 S0:2 L0:2 t1:1 S1:4 L1:2 = 12; window t0:1 S0:2 L0:2 t1:3 S1:4 L1:4 = 16.
+    Forward = 24*T*C^2 + 4*pairs*C + 2*T*C with T=6; training = 3 x forward."""
+    prompt = data.sw_prompts([([11], 1), ([12], 0)], 1)
+    for mask, pairs in (('isolated', 12), ('window', 16)):
+        args = dti_minimal.parse_args(['--n', '1', '--n-embd', '4', '--n-head', '1', '--n-layer', '1', '--mask', mask])
+        assert dti_minimal.flops_per_target(prompt, args) == 3 * (24 * 6 * 16 + 4 * pairs * 4 + 2 * 6 * 4)
+
+
+def test_max_train_targets_gives_both_modes_the_same_first_targets():
+    args = dti_minimal.parse_args(TINY)
+    ds = dti_minimal.load_dataset(args)
+    sw, p_sw = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10, max_targets=333)
+    dti, p_dti = dti_minimal.make_prompts(ds, 0, 'dti', 5, 10, max_targets=333)
+    assert data.targets_of(sw) == data.targets_of(dti) == len(p_sw) == 333
+    assert np.array_equal(dti_minimal.target_labels(sw), dti_minimal.target_labels(dti))
+    full, p_full = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10)
+    assert np.array_equal(dti_minimal.target_labels(full)[:333], dti_minimal.target_labels(sw))
+    assert np.array_equal(p_full[:333], p_sw)
+
+
+def test_compare_mode_writes_compare_json_with_a_k_sweep(tmp_path):
+    res = dti_minimal.main(TINY + ['--mode', 'compare', '--k', '2,20', '--max-train-targets', '600',
+                                   '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'compare.json').read_text())
+    for key in ('sw_time_per_target_ms', 'dti_time_per_target_ms', 'speedup', 'analytic_speedup',
+                'sw_test_auc', 'dti_test_auc', 'n', 'k', 'mask'):
+        assert key in saved, key
+    assert saved['k'] == 2 and [r['k'] for r in saved['sweep']] == [2, 20]
+    assert saved['targets_trained'] == 600
+    # more targets per stream share the context better: the analytic speed-up grows with k
+    assert 1 < saved['sweep'][0]['analytic_speedup'] < saved['sweep'][1]['analytic_speedup']
+    assert res['speedup'] == saved['speedup'] > 0

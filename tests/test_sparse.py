@@ -1,0 +1,70 @@
+"""The block-sparse attention path against the dense reference: same outputs and gradients."""
+import copy
+
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+import data
+import model
+from conftest import small_model
+
+
+def history(rng, m, max_text):
+    return [(rng.integers(0, 1000, rng.integers(1, max_text + 1)).tolist(), int(rng.integers(0, 2)))
+            for _ in range(m)]
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(1, 10), m=st.integers(2, 30), max_text=st.integers(1, 40),
+       mask=st.sampled_from(['isolated', 'window']), pos=st.sampled_from(['alibi', 'learned']),
+       n_layer=st.integers(1, 3), tile=st.sampled_from([1, 7, 64]), mode=st.sampled_from(['sw', 'dti']),
+       seed=st.integers(0, 2**16))
+def test_sparse_equals_dense_outputs_and_gradients(n, k, m, max_text, mask, pos, n_layer, tile, mode, seed):
+    rng = np.random.default_rng(seed)
+    histories = [history(rng, n + m, max_text), history(rng, n + max(1, m // 3), max_text)]
+    prompts = [p for h in histories for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
+    prompts = [prompts[i] for i in rng.permutation(len(prompts))[:6]]
+    b = data.collate(prompts)
+    sparse = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed).train()
+    sparse.config.tile = tile
+    dense = copy.deepcopy(sparse)
+    dense.config.attn = 'dense'
+    assert sparse.config.attn == 'sparse' and dense.config.attn == 'dense'
+    outs = []
+    for net in (sparse, dense):
+        logits = net(b['idx'], b['item'], b['role'])
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        outs.append((logits.detach(), {name: p.grad for name, p in net.named_parameters()}))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-5, rtol=1e-5)
+    for name, grad in outs[1][1].items():  # fp32 round-off grows with the gradient's own scale
+        scale = max(1.0, grad.abs().max().item())
+        assert (outs[0][1][name] - grad).abs().max().item() <= 1e-5 * scale, name
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 5), k=st.integers(1, 8), m=st.integers(2, 25), mask=st.sampled_from(['isolated', 'window']),
+       tile=st.sampled_from([3, 16, 64]), seed=st.integers(0, 2**16))
+def test_every_tile_range_is_tight_and_covers_its_rows(n, k, m, mask, tile, seed):
+    """No computed key range holds a key column that is masked for every row of its tile at
+    either end, every allowed key of every row lies inside its tile's range, the tile masks are
+    the dense mask's rows, and every real row is computed exactly once."""
+    rng = np.random.default_rng(seed)
+    b = data.collate(data.dti_streams(history(rng, n + m, 6), n, k) + data.sw_prompts(history(rng, n + 2, 6), n))
+    B = len(b['idx'])
+    full = model.attention_mask(b['item'], b['role'], n, mask)[:, 0]          # (B, T, T)
+    covered = torch.zeros_like(b['role'])
+    for qp, ok, lo, hi, kp, attn_mask in model.sparse_plan(b['item'], b['role'], n, mask, 2, tile=tile):
+        for t in range(len(lo)):
+            q_t, ok_t = qp[:, t * tile:(t + 1) * tile], ok[:, t * tile:(t + 1) * tile]   # (B, tile)
+            rows = full[torch.arange(B)[:, None], q_t] & ok_t[:, :, None]     # (B, tile, T)
+            lo_t, hi_t = int(lo[t]), int(hi[t])
+            assert rows[:, :, lo_t].any() and rows[:, :, hi_t - 1].any()      # tight at both ends
+            assert not rows[:, :, :lo_t].any() and not rows[:, :, hi_t:].any()  # nothing allowed left out
+            K = hi_t - lo_t
+            assert torch.equal(kp[t, :K], torch.arange(lo_t, hi_t))
+            tile_mask = attn_mask.view(B, 2, len(lo), tile, -1)[:, 0, t]        # (B, tile, K) head 0
+            assert torch.equal(tile_mask[:, :, :K] & ok_t[:, :, None], rows[:, :, lo_t:hi_t])
+            assert not (tile_mask[:, :, K:] & ok_t[:, :, None]).any()          # padding keys never seen
+        covered.index_put_((torch.arange(B)[:, None].expand_as(qp)[ok], qp[ok]), torch.tensor(1), accumulate=True)
+    assert torch.equal(covered, (b['role'] != data.PAD).long())  # every real row exactly once, PAD rows never
