@@ -45,8 +45,8 @@ def k_list(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die  # one line, exit 2, also for argparse's own complaints
-    p.add_argument('--mode', choices=['sw', 'dti', 'compare'], default='dti',
-                   help='training paradigm, or compare: SW and DTI back to back')
+    p.add_argument('--mode', choices=['sw', 'dti', 'compare', 'bench'], default='dti',
+                   help='training paradigm; compare: SW and DTI back to back; bench: sparse vs dense attention')
     p.add_argument('--dataset', choices=DATASETS, default='synthetic',
                    help="data set; the -future / -far variants are leakage canaries")
     p.add_argument('--users', type=int, default=600, help='number of synthetic users')
@@ -296,19 +296,18 @@ def write_json(folder, name, obj):
 def compare(args, ds):
     """SW and DTI back to back: same initial weights, data, targets, epochs and mask. One SW run,
     one DTI run per k. Speed-ups are ratios of median step times per target in this process."""
-    prepared = {('sw', None): prepare(args, ds, 'sw', None)}
-    prepared.update({('dti', k): prepare(args, ds, 'dti', k) for k in args.k})
+    prepared = {k: prepare(args, ds, 'dti', k) for k in args.k}
     torch.manual_seed(args.seed)
     init = build_model(args).state_dict()
-    sw, _ = run(args, ds, 'sw', None, prepared['sw', None], init)
+    sw, _ = run(args, ds, 'sw', args.k[0], prepare(args, ds, 'sw', args.k[0]), init)  # k: only for --eval-mode dti
     sweep = []
     for k in args.k:
-        dti, _ = run(args, ds, 'dti', k, prepared['dti', k], init)
+        dti, _ = run(args, ds, 'dti', k, prepared[k], init)
         assert dti['targets_trained'] == sw['targets_trained']
         sweep.append(dict(k=k, dti_time_per_target_ms=dti['median_time_per_target_ms'],
                           speedup=sw['median_time_per_target_ms'] / dti['median_time_per_target_ms'],
                           analytic_speedup=sw['flops_per_target'] / dti['flops_per_target'],
-                          token_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
+                          ideal_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
                           dti_test_auc=dti['test_auc'], dti_test_logloss=dti['test_logloss'],
                           dti_train_seconds=dti['train_seconds']))
     res = dict(sweep[0], sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
@@ -323,8 +322,54 @@ def compare(args, ds):
     print(f"{'SW':>8} {sw['median_time_per_target_ms']:10.3f} {'1.0x':>9} {'1.0x':>9} {'':>10} {sw['test_auc']:9.4f}")
     for r in sweep:
         print(f"{'DTI k=' + str(r['k']):>8} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
-              f"{r['analytic_speedup']:8.1f}x {r['token_ratio']:9.1f}x {r['dti_test_auc']:9.4f}")
+              f"{r['analytic_speedup']:8.1f}x {r['ideal_ratio']:9.1f}x {r['dti_test_auc']:9.4f}")
     print(f'wrote {path}')
+    return res
+
+
+def bench_stream(args, targets=440):
+    """One DTI stream of n context blocks and 440 targets: about 4,000 tokens."""
+    history = data.synthetic(n_users=1, min_len=args.n + targets, max_len=args.n + targets, n=args.n)['users'][0]
+    return data.collate(data.dti_streams(history, args.n, targets))
+
+
+def step_peak_mb(step):
+    """Peak resident memory (MB) that `step()` adds above what the process held before it
+    (Linux: resets the high-water mark through /proc/self/clear_refs; None elsewhere)."""
+    def status(key):
+        with open('/proc/self/status') as f:
+            return next(int(line.split()[1]) for line in f if line.startswith(key)) / 1024
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        return None
+    before = status('VmRSS:')
+    step()
+    return status('VmHWM:') - before
+
+
+def bench(args):
+    """Block-sparse vs dense attention, forward + backward on one long stream, interleaved."""
+    b = bench_stream(args)
+    times = {'sparse': [], 'dense': []}
+    models = {attn: build_model(argparse.Namespace(**{**vars(args), 'attn': attn})) for attn in times}
+    for _ in tqdm(range(6), desc='bench', leave=False):
+        for attn, model in models.items():
+            t0 = time.perf_counter()
+            model(b['idx'], b['item'], b['role']).sum().backward()
+            times[attn].append(time.perf_counter() - t0)
+    ms = {attn: 1000 * float(np.median(t[1:])) for attn, t in times.items()}  # the first is warm-up
+    peak = {attn: step_peak_mb(lambda: model(b['idx'], b['item'], b['role']).sum().backward())
+            for attn, model in models.items()}
+    res = dict(tokens=b['idx'].size(1), n=args.n, mask=args.mask, pos=args.pos, sparse_ms=ms['sparse'],
+               dense_ms=ms['dense'], speedup=ms['dense'] / ms['sparse'], sparse_peak_mb=peak['sparse'],
+               dense_peak_mb=peak['dense'], torch=torch.__version__, threads=torch.get_num_threads())
+    path = write_json(args.out, 'bench.json', res)
+    print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward (median of 5)")
+    for attn in times:
+        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak memory of a step {peak[attn] or float('nan'):7.0f} MB")
+    print(f"sparse is {res['speedup']:.1f}x faster; wrote {path}")
     return res
 
 
@@ -332,6 +377,8 @@ def main(argv=None):
     args = parse_args(argv)
     if not writable_folder(args.out):
         die(f'output folder {args.out} cannot be written')
+    if args.mode == 'bench':
+        return bench(args)
     ds = load_dataset(args)
     if args.mode == 'compare':
         return compare(args, ds)

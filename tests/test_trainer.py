@@ -106,7 +106,7 @@ def test_max_train_targets_gives_both_modes_the_same_first_targets():
 
 def test_compare_mode_writes_compare_json_with_a_k_sweep(tmp_path):
     res = dti_minimal.main(TINY + ['--mode', 'compare', '--k', '2,20', '--max-train-targets', '600',
-                                   '--out', str(tmp_path)])
+                                   '--eval-mode', 'dti', '--out', str(tmp_path)])
     saved = json.loads((tmp_path / 'compare.json').read_text())
     for key in ('sw_time_per_target_ms', 'dti_time_per_target_ms', 'speedup', 'analytic_speedup',
                 'sw_test_auc', 'dti_test_auc', 'n', 'k', 'mask'):
@@ -116,3 +116,11 @@ def test_compare_mode_writes_compare_json_with_a_k_sweep(tmp_path):
     # more targets per stream share the context better: the analytic speed-up grows with k
     assert 1 < saved['sweep'][0]['analytic_speedup'] < saved['sweep'][1]['analytic_speedup']
     assert res['speedup'] == saved['speedup'] > 0
+
+
+def test_bench_mode_times_both_attention_paths(tmp_path):
+    res = dti_minimal.main(['--mode', 'bench', '--n', '5', '--n-layer', '1', '--n-embd', '16', '--n-head', '2',
+                            '--mask', 'window', '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'bench.json').read_text())
+    assert saved == json.loads(json.dumps(res)) and saved['tokens'] > 2000
+    assert saved['sparse_ms'] > 0 and saved['dense_ms'] > 0 and saved['speedup'] > 0
