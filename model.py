@@ -113,7 +113,7 @@ def sparse_plan(item, role, n, kind, n_head, slopes=None, tile=32):
     the window, text and label rows read their own block) and cut into tiles of `tile` rows in
     order. Each tile gets the one key range [lo, hi) its rows can reach, from the first token of
     the oldest block they may read up to the last of them; the keys of a group's tiles are
-    gathered side by side, so one SDPA call per group computes every tile and nothing else. No
+    gathered side by side, so one SDPA call per group computes every tile (padded to one size). No
     (T, T) mask is ever built. PAD rows attend only themselves: their output is their value.
     Returns one (query positions (B, tiles*tile), real slots, lo, hi, key positions (tiles, K),
     SDPA mask (B, nh*tiles, tile, K)) per group."""
