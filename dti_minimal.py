@@ -83,6 +83,12 @@ def parse_args(argv=None):
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
     if not args.lr > 0 or not 0 <= args.dropout < 1:
         die('--lr must be > 0 and --dropout in [0, 1)')
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        die(f'unknown --device {args.device!r}')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        die(f'--device {args.device}: no CUDA device here')
     return args
 
 

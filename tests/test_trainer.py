@@ -71,6 +71,8 @@ def test_sw_and_dti_evaluation_agree_under_isolated_alibi():
     (['--mask', 'causal'], "invalid choice: 'causal'"),
     (['--pos', 'learned', '--block-size', '100'], 'longer than --block-size'),
     (['--dataset', 'ml-10m'], "invalid choice: 'ml-10m'"),
+    (['--device', 'gpu7'], "unknown --device 'gpu7'"),
+    (['--out', '/proc/version/out'], 'cannot be written'),
 ])
 def test_bad_input_is_one_line_exit_2(flags, message, tmp_path):
     out = tmp_path / 'out'
