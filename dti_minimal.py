@@ -121,15 +121,17 @@ def make_prompts(ds, split, mode, n, k, max_targets=None):
 
 
 def batches(prompts, batch_targets, rng):
-    """Shuffled batches of whole prompts holding about batch_targets targets each. Prompts of
-    similar length go together (sorted inside shuffled pools of ~32 batches): little padding."""
+    """Shuffled batches of whole prompts holding about batch_targets targets each. Prompts with
+    as many blocks go together (sorted inside shuffled pools of ~32 batches), so little is padding:
+    full DTI streams with full ones, a user's shorter last stream with its likes. Sorting by block
+    count, not token count, keeps batches random in content (every SW prompt has n+1 blocks)."""
     n_targets = [int((p['label'] >= 0).sum()) for p in prompts]
     pool = 32 * max(1, round(batch_targets * len(prompts) / sum(n_targets)))
     order = rng.permutation(len(prompts))
     out = []
     for s in range(0, len(order), pool):
         batch, count = [], 0
-        for i in sorted(order[s:s + pool], key=lambda i: len(prompts[i]['idx'])):
+        for i in sorted(order[s:s + pool], key=lambda i: prompts[i]['item'][-1]):
             batch.append(prompts[i])
             count += n_targets[i]
             if count >= batch_targets:
@@ -151,7 +153,8 @@ def learning_rate(step, total_steps, lr):
 
 def train(model, prompts, args, desc='train'):
     """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, per-step records
-    (seconds, targets, loss)); the clock covers collation, forward, backward and the update."""
+    (seconds, targets, loss, padded share of the batch's tokens)); the clock covers collation,
+    forward, backward and the update."""
     rng = np.random.default_rng(args.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
@@ -162,7 +165,7 @@ def train(model, prompts, args, desc='train'):
     total_steps = sum(map(len, epochs))
     model.train()
     seen, seconds, records = 0, 0.0, []
-    bar = tqdm(total=args.epochs * per_epoch, unit='target', desc=desc, dynamic_ncols=True)
+    bar = tqdm(total=args.epochs * per_epoch, unit='target', desc=desc, dynamic_ncols=True, disable=None)
     for epoch, epoch_batches in enumerate(epochs):
         for batch in epoch_batches:
             t0 = time.perf_counter()
@@ -175,7 +178,7 @@ def train(model, prompts, args, desc='train'):
             opt.step()
             n_targets, step_seconds = int((b['label'] >= 0).sum()), time.perf_counter() - t0
             seen, seconds = seen + n_targets, seconds + step_seconds
-            records.append((step_seconds, n_targets, loss.item()))
+            records.append((step_seconds, n_targets, loss.item(), float((b['role'] == data.PAD).float().mean())))
             bar.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.4f}', targets_per_s=f'{seen / seconds:.0f}',
                             refresh=False)
             bar.update(n_targets)
@@ -186,7 +189,7 @@ def train(model, prompts, args, desc='train'):
 def median_ms_per_target(records):
     """Median over steps of step time per target, warm-up (the first 5% of steps, at least 3) left out."""
     steady = records[max(3, len(records) // 20):] or records
-    return 1000 * float(np.median([sec / n for sec, n, _ in steady]))
+    return 1000 * float(np.median([r[0] / r[1] for r in steady]))
 
 
 def flops_per_target(prompts, args):
@@ -213,7 +216,7 @@ def predict(model, prompts, device='cpu', max_tokens=32768):
     order = np.argsort([len(p['idx']) for p in prompts], kind='stable')  # similar lengths together
     out = [None] * len(prompts)
     i = 0
-    bar = tqdm(total=len(prompts), unit='prompt', desc='eval', leave=False, dynamic_ncols=True)
+    bar = tqdm(total=len(prompts), unit='prompt', desc='eval', leave=False, dynamic_ncols=True, disable=None)
     while i < len(order):
         T = len(prompts[order[i]]['idx'])
         j = i + 1
@@ -277,6 +280,7 @@ def run(args, ds, mode, k, prepared, init=None):
                time_per_target_ms=1000 * train_seconds / targets_trained,
                median_time_per_target_ms=median_ms_per_target(records),
                flops_per_target=flops_per_target(train_prompts, args),
+               padding=float(np.mean([r[3] for r in records])),
                first_loss=float(np.mean([r[2] for r in records[:10]])),
                last_loss=float(np.mean([r[2] for r in records[-10:]])))
     for name, (prompts, prob) in evals.items():
@@ -315,20 +319,21 @@ def compare(args, ds):
                           analytic_speedup=sw['flops_per_target'] / dti['flops_per_target'],
                           ideal_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
                           dti_test_auc=dti['test_auc'], dti_test_logloss=dti['test_logloss'],
-                          dti_train_seconds=dti['train_seconds']))
+                          dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding']))
     res = dict(sweep[0], sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
                sw_test_logloss=sw['test_logloss'], sw_flops_per_target=sw['flops_per_target'],
-               sw_train_seconds=sw['train_seconds'], bayes_auc=sw['bayes_auc'], n=args.n, mask=args.mask,
+               sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], bayes_auc=sw['bayes_auc'], n=args.n, mask=args.mask,
                targets_trained=sw['targets_trained'], torch=torch.__version__, threads=torch.get_num_threads(),
                sweep=sweep, args=vars(args))
     path = write_json(args.out, 'compare.json', res)
     print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, {sw['targets_trained']} targets trained each, "
           f"medians of step time per target")
-    print(f"{'':>8} {'ms/target':>10} {'speed-up':>9} {'analytic':>9} {'n*k/(n+k)':>10} {'test AUC':>9}")
-    print(f"{'SW':>8} {sw['median_time_per_target_ms']:10.3f} {'1.0x':>9} {'1.0x':>9} {'':>10} {sw['test_auc']:9.4f}")
+    print(f"{'':>9} {'ms/target':>10} {'speed-up':>9} {'analytic':>9} {'n*k/(n+k)':>10} {'test AUC':>9} {'padding':>8}")
+    print(f"{'SW':>9} {sw['median_time_per_target_ms']:10.3f} {'1.0x':>9} {'1.0x':>9} {'':>10} {sw['test_auc']:9.4f} "
+          f"{sw['padding']:8.1%}")
     for r in sweep:
-        print(f"{'DTI k=' + str(r['k']):>8} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
-              f"{r['analytic_speedup']:8.1f}x {r['ideal_ratio']:9.1f}x {r['dti_test_auc']:9.4f}")
+        print(f"{'DTI k=' + str(r['k']):>9} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
+              f"{r['analytic_speedup']:8.1f}x {r['ideal_ratio']:9.1f}x {r['dti_test_auc']:9.4f} {r['dti_padding']:8.1%}")
     print(f'wrote {path}')
     return res
 
@@ -360,7 +365,7 @@ def bench(args):
     b = bench_stream(args)
     times = {'sparse': [], 'dense': []}
     models = {attn: build_model(argparse.Namespace(**{**vars(args), 'attn': attn})) for attn in times}
-    for _ in tqdm(range(6), desc='bench', leave=False):
+    for _ in tqdm(range(6), desc='bench', leave=False, disable=None):
         for attn, model in models.items():
             t0 = time.perf_counter()
             model(b['idx'], b['item'], b['role']).sum().backward()

@@ -44,7 +44,7 @@ def test_training_reduces_the_loss():
             return ctr_loss(model(b['idx'], b['item'], b['role']), b['label']).item()
     before = loss()
     trained, seconds, records = dti_minimal.train(model, prompts, args)
-    assert trained == 3 * data.targets_of(prompts) == sum(n for _, n, _ in records)
+    assert trained == 3 * data.targets_of(prompts) == sum(r[1] for r in records)
     assert seconds > 0 and len(records) > 10
     assert loss() < before - 0.05, (before, loss())
 
