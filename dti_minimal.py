@@ -6,6 +6,7 @@ Isolation streams (DTI), evaluate it, and write DIR/results.json.
     python dti_minimal.py --mode sw             # the same model and data, one prompt per target
     python dti_minimal.py --mode compare        # both, same init and targets: DIR/compare.json
     python dti_minimal.py --mode compare --k 1,5,10,20,50,100 --max-train-targets 3000  # k sweep
+    python dti_minimal.py --mode bench --mask window   # block-sparse vs dense attention: DIR/bench.json
 """
 import argparse
 import json
