@@ -253,10 +253,12 @@ def writable_folder(path):
     return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
 
 
-def prepare(args, ds, mode, k):
-    """Train prompts and valid/test prompts for one run, or a one-line error before any work."""
+def prepare(args, ds, mode, k, evals=None):
+    """Train prompts and valid/test prompts (`evals`, built here unless given) for one run, or a
+    one-line error before any work."""
     train_prompts, _ = make_prompts(ds, 0, mode, args.n, k, args.max_train_targets)
-    evals = {name: make_prompts(ds, split, args.eval_mode, args.n, k) for split, name in ((1, 'valid'), (2, 'test'))}
+    if evals is None:
+        evals = {name: make_prompts(ds, split, args.eval_mode, args.n, k) for split, name in ((1, 'valid'), (2, 'test'))}
     if not train_prompts or not all(prompts for prompts, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
     longest = max(len(p['idx']) for p in train_prompts + evals['valid'][0] + evals['test'][0])
@@ -307,10 +309,12 @@ def write_json(folder, name, obj):
 def compare(args, ds):
     """SW and DTI back to back: same initial weights, data, targets, epochs and mask. One SW run,
     one DTI run per k. Speed-ups are ratios of median step times per target in this process."""
-    prepared = {k: prepare(args, ds, 'dti', k) for k in args.k}
+    sw_prepared = prepare(args, ds, 'sw', args.k[0])  # k matters to evaluation only, with --eval-mode dti
+    shared = sw_prepared[1] if args.eval_mode == 'sw' else None  # SW evaluation is the same for every k
+    prepared = {k: prepare(args, ds, 'dti', k, shared) for k in args.k}
     torch.manual_seed(args.seed)
     init = build_model(args).state_dict()
-    sw, _ = run(args, ds, 'sw', args.k[0], prepare(args, ds, 'sw', args.k[0]), init)  # k: only for --eval-mode dti
+    sw, _ = run(args, ds, 'sw', args.k[0], sw_prepared, init)
     sweep = []
     for k in args.k:
         dti, _ = run(args, ds, 'dti', k, prepared[k], init)
