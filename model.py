@@ -42,9 +42,9 @@ def allowed_pairs(qi, qr, qpos, ki, kr, kpos, n, kind):
     bool. qi/ki are block indices, qr/kr roles, qpos/kpos token positions inside the prompt."""
     qi, qr, qpos = qi[..., :, None], qr[..., :, None], qpos[..., :, None]      # (..., Q, 1)
     ki, kr, kpos = ki[..., None, :], kr[..., None, :], kpos[..., None, :]      # (..., 1, K)
-    self_ = qpos == kpos                                                       # (B, Q, K)
-    readable = (kr != SUM) & (kr != PAD)                                       # (B, 1, K)
-    back = qi - ki                                                             # (B, Q, K) blocks between q and k
+    self_ = qpos == kpos                                                       # (..., Q, K)
+    readable = (kr != SUM) & (kr != PAD)                                       # (..., 1, K)
+    back = qi - ki                                                             # (..., Q, K) blocks between q and k
     if kind == 'window':
         allowed = (kpos <= qpos) & (back <= n) & readable
     elif kind == 'isolated':
@@ -53,7 +53,7 @@ def allowed_pairs(qi, qr, qpos, ki, kr, kpos, n, kind):
         allowed = torch.where(qr == SUM, (own_block & (kr == TEXT)) | window, own_block)
     else:
         raise ValueError(f'unknown mask {kind!r}')
-    return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))     # (B, Q, K)
+    return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))     # (..., Q, K)
 
 
 def attention_mask(item, role, n, kind):
@@ -98,7 +98,7 @@ def sdpa_mask(allowed, qpos, kpos, slopes=None):
     a float mask holding the bias -slope_h * (q - k) where allowed, -inf elsewhere: (B, nh, ..., Q, K)."""
     if slopes is None:
         return allowed[:, None]                                                # (B, 1, ..., Q, K)
-    dist = (qpos[..., :, None] - kpos[..., None, :]).float()                   # (B, ..., Q, K)
+    dist = (qpos[..., :, None] - kpos[..., None, :]).to(slopes.dtype)          # (B, ..., Q, K)
     bias = -slopes.view(-1, *[1] * (allowed.dim() - 1)) * dist[:, None]        # (B, nh, ..., Q, K)
     return bias.masked_fill(~allowed[:, None], float('-inf'))                  # (B, nh, ..., Q, K)
 
@@ -218,7 +218,7 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x, plan):
-        x = x + self.attn(self.ln_1(x), plan)                             # (B, T, C)
+        x = x + self.attn(self.ln_1(x), plan)                                  # (B, T, C)
         return x + self.mlp(self.ln_2(x))                                      # (B, T, C)
 
 
@@ -260,7 +260,7 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         x = self.transformer.drop(x)
         # who sees whom, worked out once for all layers: tiles (sparse) or one dense mask
-        slopes = alibi_slopes(cfg.n_head).to(x.device) if cfg.pos == 'alibi' else None
+        slopes = alibi_slopes(cfg.n_head).to(x.device, x.dtype) if cfg.pos == 'alibi' else None
         if cfg.attn == 'sparse':
             plan = sparse_plan(item, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
         else:
