@@ -14,10 +14,15 @@ A user's history is a time-ordered list of blocks `(text_ids, label)`. A prompt 
     label 0/1 at the [SUM] of a target block, -1 everywhere else
 """
 import functools
+import hashlib
 import os
+import tempfile
+import urllib.request
+import zipfile
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 # token roles; model.py repeats this line because it never imports data.py
 TEXT, SUM, LABEL, PAD = 0, 1, 2, 3
@@ -96,7 +101,9 @@ def targets_of(prompts):
 # data sets: a dict with
 #   users  list of histories; a history is a time-ordered list of blocks (text_ids, label)
 #   split  per user, the split of each interaction: 0 train, 1 valid, 2 test (non-decreasing)
-#   prob   per user, P(click | what the target's window shows) of each interaction
+#   prob   per user, P(click | what the target's window shows) of each interaction (NaN if unknown)
+#   item   per user, the item id of each interaction
+#   name   the data set's name
 
 
 def segments(ds, split, n):
@@ -156,7 +163,7 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
     exposure = [np.exp(0.5 * item_logit[items]) / np.exp(0.5 * item_logit[items]).sum() for items in by_genre]
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
 
-    users, splits, probs = [], [], []
+    users, splits, probs, item_ids = [], [], [], []
     for _ in range(n_users):
         m = int(rng.integers(min_len, max_len + 1))
         taste = np.cumsum(rng.normal(0.0, 0.3, (m, len(GENRES))), axis=0) + rng.normal(0.0, 1.0, len(GENRES))
@@ -187,6 +194,231 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
         users.append(blocks)
         splits.append(np.searchsorted([0.8, 0.9], times, side='right'))
         probs.append(np.array(prob))
+        item_ids.append(np.array(seen))
     ids = {s: encode_text(s) for s in {s for blocks in users for s, _ in blocks}}  # each text once
     users = [[(ids[s], y) for s, y in blocks] for blocks in users]
-    return dict(users=users, split=splits, prob=probs, name='synthetic' + (f'-{canary}' if canary else ''))
+    return dict(users=users, split=splits, prob=probs, item=item_ids,
+                name='synthetic' + (f'-{canary}' if canary else ''))
+
+# -----------------------------------------------------------------------------
+# MovieLens: label = rating >= 4, histories in time order, split by global time at 80% / 90%
+
+
+class DataError(Exception):
+    """Missing or malformed data; the message names the file (and line). The CLI prints it, exits 2."""
+
+
+MOVIELENS = {  # the official zips and their md5
+    'ml-100k': ('https://files.grouplens.org/datasets/movielens/ml-100k.zip', '0e33842e24a9c977be4e0107933c0723'),
+    'ml-1m': ('https://files.grouplens.org/datasets/movielens/ml-1m.zip', 'c4d9eecfca2ab87c1945afe126590906'),
+}
+GROUPLENS_FILES = {'ml-100k': ('u.data', 'u.item'), 'ml-1m': ('ratings.dat', 'movies.dat')}
+ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy', 'Crime', 'Documentary',
+                 'Drama', 'Fantasy', 'Film-Noir', 'Horror', 'Musical', 'Mystery', 'Romance', 'Sci-Fi', 'Thriller',
+                 'War', 'Western']  # the 19 genre flags of u.item, in order
+
+
+def cache_dir():
+    return os.environ.get('DTI_DATA') or os.path.join(os.path.expanduser('~'), '.cache', 'dti-minimal')
+
+
+def _zip_files(path):
+    """{file name: (label, read)} of a zip's files. A zip with an absolute or '..' member is refused."""
+    try:
+        z = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f'{path}: not a zip file ({e})')
+    for m in z.namelist():
+        if m.startswith(('/', '\\')) or '..' in m.replace('\\', '/').split('/') or ':' in m:
+            raise DataError(f'{path}: refusing member {m!r} (absolute path or ..)')
+    return {os.path.basename(m): (f'{path}:{m}', functools.partial(z.read, m))
+            for m in z.namelist() if not m.endswith('/')}
+
+
+def _read_file(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def _locate(name, path):
+    """The ratings and items files of `name` in `path`: a GroupLens folder or zip, a folder of RecBole
+    atomic files, or a folder holding one of those as `name`/ or `name`.zip.
+    Returns (format, (label, read) of ratings, (label, read) of items), or None."""
+    pairs = (('grouplens', GROUPLENS_FILES[name]), ('recbole', (name + '.inter', name + '.item')))
+    for p in (path, os.path.join(path, name), os.path.join(path, name + '.zip')):
+        if os.path.isdir(p):
+            files = {f: (os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f))) for f in os.listdir(p)}
+        elif os.path.isfile(p):
+            files = _zip_files(p)
+        else:
+            continue
+        for fmt, pair in pairs:
+            if all(f in files for f in pair):
+                return fmt, files[pair[0]], files[pair[1]]
+            if any(f in files for f in pair):
+                have, missing = (pair[0], pair[1]) if pair[0] in files else (pair[1], pair[0])
+                raise DataError(f'{p}: has {have} but not {missing}')
+    return None
+
+
+def download(name, folder):
+    """The official zip into `folder`: to a temporary file, md5 checked, then renamed; nothing else is left."""
+    url, md5 = MOVIELENS[name]
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
+    try:
+        digest = hashlib.md5()
+        with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=30) as r:
+            with tqdm(total=int(r.headers.get('Content-Length') or 0) or None, unit='B', unit_scale=True,
+                      desc=f'download {name}', disable=None) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+        if digest.hexdigest() != md5:
+            raise DataError(f'{url}: md5 {digest.hexdigest()} is not the expected {md5}; nothing was kept')
+        _zip_files(tmp)  # a zip, with safe member names
+        os.replace(tmp, os.path.join(folder, name + '.zip'))
+    except OSError as e:  # urllib's errors are OSErrors
+        raise DataError(f'{name}: no files found and the download of {url} failed ({getattr(e, "reason", e)}); '
+                        f'put {name}.zip or its extracted folder in {folder} (or $DTI_DATA), or pass --data-dir')
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def find_movielens(name, data_dir=None):
+    """--data-dir if given (and nothing else), else the cache folder, else a download into it."""
+    if data_dir is not None:
+        if not os.path.exists(data_dir):
+            raise DataError(f'--data-dir {data_dir} does not exist')
+        found = _locate(name, data_dir)
+        if found is None:
+            a, b = GROUPLENS_FILES[name]
+            raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, or {name}.zip)')
+        return found
+    found = _locate(name, cache_dir()) if os.path.isdir(cache_dir()) else None
+    if found is None:
+        download(name, cache_dir())
+        found = _locate(name, cache_dir())
+    return found
+
+
+def _rows(file, sep, encoding, header=False):
+    """(label, [(line number, fields)]) of a file's non-blank lines, all with as many fields as the first."""
+    label, read = file
+    try:
+        lines = read().decode(encoding).splitlines()
+    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise DataError(f'{label}: cannot be read ({e})')
+    rows = [(i, line.split(sep)) for i, line in enumerate(lines, 1) if line.strip()]
+    if len(rows) <= header:
+        raise DataError(f'{label}: empty file')
+    width = len(rows[0][1])
+    for i, fields in rows:
+        if len(fields) != width:
+            raise DataError(f'{label} line {i}: {len(fields)} fields, expected {width}')
+    return label, rows
+
+
+def _number(label, i, value, what, cast=int, lo=-np.inf, hi=np.inf):
+    try:
+        v = cast(value)
+    except ValueError:
+        v = None
+    if v is None or not lo <= v <= hi:  # also refuses NaN
+        kind = 'an integer' if cast is int else 'a number' if lo == -np.inf else f'a number in {lo}..{hi}'
+        raise DataError(f'{label} line {i}: {what} {value!r} is not {kind}')
+    return v
+
+
+def _columns(label, rows, wanted):
+    """RecBole atomic files: the positions of the wanted columns in the typed header (`name:type`)."""
+    names = [h.split(':')[0] for h in rows[0][1]]
+    for w in wanted:
+        if not any(n in w.split('|') for n in names):
+            raise DataError(f'{label} line 1: no {w} column in the header')
+    return [next(j for j, n in enumerate(names) if n in w.split('|')) for w in wanted]
+
+
+def _item_texts(fmt, file):
+    """{item id: 'Title (Year) | Genre, Genre'}."""
+    if fmt == 'recbole':
+        label, rows = _rows(file, '\t', 'utf-8', header=True)
+        cols = _columns(label, rows, ['item_id', 'movie_title', 'release_year', 'class|genre'])
+        texts = {}
+        for i, fields in rows[1:]:
+            item, title, year, genres = (fields[j] for j in cols)
+            title = f'{title} ({year})' if year.isdigit() else title
+            texts[_number(label, i, item, 'item id')] = f'{title} | {", ".join(genres.split())}'
+        return texts
+    if file[0].endswith('u.item'):  # id|title|release date|video date|url|19 genre flags; latin-1
+        label, rows = _rows(file, '|', 'latin-1')
+        if len(rows[0][1]) != 5 + len(ML100K_GENRES):
+            raise DataError(f'{label} line {rows[0][0]}: {len(rows[0][1])} fields, expected {5 + len(ML100K_GENRES)}')
+        return {_number(label, i, f[0], 'item id'):
+                f'{f[1]} | {", ".join(g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == "1")}' for i, f in rows}
+    label, rows = _rows(file, '::', 'latin-1')  # movies.dat: id::Title (Year)::Genre|Genre
+    if len(rows[0][1]) != 3:
+        raise DataError(f'{label} line {rows[0][0]}: {len(rows[0][1])} fields, expected 3')
+    return {_number(label, i, f[0], 'item id'): f'{f[1]} | {", ".join(f[2].split("|"))}' for i, f in rows}
+
+
+def _ratings(fmt, file, texts, items_label):
+    """(N, 4) float array of user, item, rating, timestamp. Converted in one go; when that fails,
+    line by line to name the first bad line."""
+    if fmt == 'recbole':
+        label, rows = _rows(file, '\t', 'utf-8', header=True)
+        cols, rows = _columns(label, rows, ['user_id', 'item_id', 'rating', 'timestamp']), rows[1:]
+    else:
+        label, rows = _rows(file, '\t' if file[0].endswith('u.data') else '::', 'latin-1')
+        if len(rows[0][1]) != 4:
+            raise DataError(f'{label} line {rows[0][0]}: {len(rows[0][1])} fields, expected 4')
+        cols = [0, 1, 2, 3]
+    try:
+        out = np.array([[f[j] for j in cols] for _, f in rows], dtype=float)          # (N, 4)
+        ok = (np.isfinite(out).all() and (out[:, :2] == np.round(out[:, :2])).all()
+              and ((out[:, 2] >= 1) & (out[:, 2] <= 5)).all())
+    except ValueError:
+        ok = False
+    if not ok:
+        for i, f in rows:
+            user, item, rating, time = (f[j] for j in cols)
+            _number(label, i, user, 'user id'), _number(label, i, item, 'item id')
+            _number(label, i, rating, 'rating', float, 1, 5), _number(label, i, time, 'timestamp', float)
+    unknown = np.flatnonzero(~np.isin(out[:, 1], np.array(list(texts))))
+    if len(unknown):
+        raise DataError(f'{label} line {rows[unknown[0]][0]}: item {int(out[unknown[0], 1])} is not in {items_label}')
+    return out
+
+
+def movielens(name, data_dir=None):
+    """MovieLens as a CTR data set: label = rating >= 4; each user's history in time order (ties
+    by item id); split by global time at its 80% and 90% quantiles, each interaction into the split
+    of its own timestamp. There are no true probabilities: prob is NaN."""
+    fmt, ratings_file, items_file = find_movielens(name, data_dir)
+    texts = _item_texts(fmt, items_file)
+    r = _ratings(fmt, ratings_file, texts, items_file[0])                              # (N, 4)
+    r = r[np.lexsort((r[:, 1], r[:, 3], r[:, 0]))]               # by user, then time, then item
+    split = np.searchsorted(np.quantile(r[:, 3], [0.8, 0.9]), r[:, 3], side='right')  # (N,)
+    ids = {i: encode_text(t) for i, t in texts.items()}
+    starts = np.flatnonzero(np.r_[True, r[1:, 0] != r[:-1, 0]])
+    ds = dict(users=[], split=[], prob=[], item=[], name=name)
+    for a, b in zip(starts, np.r_[starts[1:], len(r)]):
+        items = r[a:b, 1].astype(np.int64)
+        ds['users'].append([(ids[i], int(y >= 4)) for i, y in zip(items.tolist(), r[a:b, 2])])
+        ds['split'].append(split[a:b])
+        ds['prob'].append(np.full(b - a, np.nan))
+        ds['item'].append(items)
+    return ds
+
+
+def describe(ds, n):
+    """One paragraph of statistics: users, items, interactions, positive rate, targets, tokens per block."""
+    labels = np.array([y for blocks in ds['users'] for _, y in blocks])
+    tokens = np.array([len(ids) + 2 for blocks in ds['users'] for ids, _ in blocks])
+    targets = np.bincount(np.concatenate([np.asarray(s)[n:] for s in ds['split']]), minlength=3)
+    return (f"{ds['name']}: {len(ds['users'])} users, {len(np.unique(np.concatenate(ds['item'])))} items, "
+            f"{len(labels)} interactions, {labels.mean():.1%} positive; targets with n={n} predecessors: "
+            f"train {targets[0]}, valid {targets[1]}, test {targets[2]}; tokens per block: "
+            f"mean {tokens.mean():.1f}, max {tokens.max()}")

@@ -17,13 +17,14 @@ import time
 
 import numpy as np
 import torch
+from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 import data
 from model import GPT, GPTConfig, attention_mask, ctr_loss
 
-DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far']
+DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m']
 
 
 def die(msg):
@@ -49,7 +50,10 @@ def parse_args(argv=None):
     p.add_argument('--mode', choices=['sw', 'dti', 'compare', 'bench'], default='dti',
                    help='training paradigm; compare: SW and DTI back to back; bench: sparse vs dense attention')
     p.add_argument('--dataset', choices=DATASETS, default='synthetic',
-                   help="data set; the -future / -far variants are leakage canaries")
+                   help="data set; the synthetic -future / -far variants are leakage canaries")
+    p.add_argument('--data-dir', default=None,
+                   help='MovieLens: a GroupLens folder or zip, or RecBole atomic files (default: $DTI_DATA, '
+                        '~/.cache/dti-minimal, else download there)')
     p.add_argument('--users', type=int, default=600, help='number of synthetic users')
     p.add_argument('--n', type=int, default=20, help='context blocks each target sees')
     p.add_argument('--k', type=k_list, default=[50], help='targets per DTI stream; a list such as 1,5,50 sweeps k (compare)')
@@ -94,8 +98,42 @@ def parse_args(argv=None):
 
 
 def load_dataset(args):
-    canary = args.dataset.partition('-')[2] or None
-    return data.synthetic(n_users=args.users, n=args.n, canary=canary)
+    """The data set, its statistics printed; bad or missing MovieLens files are a one-line error."""
+    if args.dataset.startswith('ml-'):
+        try:
+            ds = data.movielens(args.dataset, args.data_dir)
+        except data.DataError as e:
+            die(str(e))
+    else:
+        ds = data.synthetic(n_users=args.users, n=args.n, canary=args.dataset.partition('-')[2] or None)
+    print(data.describe(ds, args.n))
+    return ds
+
+
+def baseline(ds, n):
+    """A non-neural reference: logistic regression on two rates a reader can count by hand, the
+    target item's positive rate in train (leave-one-out on train targets, smoothed towards the
+    overall rate) and the positive rate of the target's n-block window. Returns its test metrics."""
+    labels = [np.array([y for _, y in blocks]) for blocks in ds['users']]
+    train = np.concatenate(ds['split']) == 0
+    y_all, items = np.concatenate(labels), np.concatenate(ds['item'])
+    overall = y_all[train].mean()
+    pos = np.bincount(items[train], weights=y_all[train], minlength=items.max() + 1)   # (n_items,)
+    count = np.bincount(items[train], minlength=items.max() + 1)                       # (n_items,)
+    X, y, split = [], [], []
+    for lab, it, sp in zip(labels, ds['item'], ds['split']):
+        t = np.arange(n, len(lab))
+        if len(t) == 0:
+            continue
+        own = np.asarray(sp)[t] == 0                     # a train target leaves its own label out
+        item_rate = (pos[it[t]] - own * lab[t] + 10 * overall) / (count[it[t]] - own + 10)
+        window_rate = (np.cumsum(np.r_[0, lab])[t] - np.cumsum(np.r_[0, lab])[t - n]) / n
+        X.append(np.stack([item_rate, window_rate], 1))
+        y.append(lab[t])
+        split.append(np.asarray(sp)[t])
+    X, y, split = np.concatenate(X), np.concatenate(y), np.concatenate(split)
+    model = LogisticRegression().fit(X[split == 0], y[split == 0])
+    return metrics(model.decision_function(X[split == 2]), y[split == 2])
 
 
 def build_model(args):
@@ -290,8 +328,9 @@ def run(args, ds, mode, k, prepared, init=None):
         labels = target_labels(prompts)
         m = metrics(predict(model, prompts, args.device), labels)
         res.update({f'{name}_{key}': float(v) for key, v in m.items()})
-        res[f'{name}_bayes_auc'] = float(roc_auc_score(labels, prob))
-    res['bayes_auc'] = res['test_bayes_auc']
+        res[f'{name}_bayes_auc'] = float(roc_auc_score(labels, prob)) if np.isfinite(prob).all() else None
+    res['bayes_auc'] = res['test_bayes_auc']  # None on real data: nobody knows the true probabilities
+    res.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})
     res['args'] = vars(args)
     return res, model
 
@@ -327,7 +366,8 @@ def compare(args, ds):
                           dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding']))
     res = dict(sweep[0], sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
                sw_test_logloss=sw['test_logloss'], sw_flops_per_target=sw['flops_per_target'],
-               sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], bayes_auc=sw['bayes_auc'], n=args.n, mask=args.mask,
+               sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], bayes_auc=sw['bayes_auc'],
+               baseline_test_auc=sw['baseline_test_auc'], n=args.n, mask=args.mask,
                targets_trained=sw['targets_trained'], torch=torch.__version__, threads=torch.get_num_threads(),
                sweep=sweep, args=vars(args))
     path = write_json(args.out, 'compare.json', res)
@@ -339,6 +379,8 @@ def compare(args, ds):
     for r in sweep:
         print(f"{'DTI k=' + str(r['k']):>9} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
               f"{r['analytic_speedup']:8.1f}x {r['ideal_ratio']:9.1f}x {r['dti_test_auc']:9.4f} {r['dti_padding']:8.1%}")
+    print(f"{'test LR':>9} {'':>10} {'':>9} {'':>9} {'':>10} {sw['baseline_test_auc']:9.4f}   (logistic regression "
+          f"on the item's and the window's positive rates)")
     print(f'wrote {path}')
     return res
 
@@ -401,10 +443,12 @@ def main(argv=None):
     k = args.k[0]
     res, _ = run(args, ds, args.mode, k, prepare(args, ds, args.mode, k))
     path = write_json(args.out, 'results.json', res)
-    print(f"\n{'':6} {'AUC':>7} {'LogLoss':>8} {'F1':>7} {'Acc':>7} {'Bayes AUC':>10}")
-    for name in ('valid', 'test'):
-        print(f"{name:6} {res[name + '_auc']:7.4f} {res[name + '_logloss']:8.4f} {res[name + '_f1']:7.4f} "
-              f"{res[name + '_acc']:7.4f} {res[name + '_bayes_auc']:10.4f}")
+    bayes = lambda v: f'{v:10.4f}' if v is not None else f"{'-':>10}"
+    print(f"\n{'':8} {'AUC':>7} {'LogLoss':>8} {'F1':>7} {'Acc':>7} {'Bayes AUC':>10}")
+    for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test')):
+        print(f"{name:8} {res[key + '_auc']:7.4f} {res[key + '_logloss']:8.4f} {res[key + '_f1']:7.4f} "
+              f"{res[key + '_acc']:7.4f} {bayes(res.get(key + '_bayes_auc'))}")
+    print('test LR: the non-neural baseline, logistic regression on the item\'s and the window\'s positive rates')
     print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
           f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per target "
           f"(analytic); wrote {path}")

@@ -1,0 +1,211 @@
+"""MovieLens loading on tiny fixture files written here, in every format the loader reads: the same
+interactions give the same data set, the CTR rules hold, and every bad input is one line, exit 2."""
+import hashlib
+import json
+import os
+import zipfile
+
+import numpy as np
+import pytest
+
+import data
+import dti_minimal
+
+# item id -> (title with year, genres); item 2 has a latin-1 title, item 5 no year
+ITEMS = {1: ('Toy Story (1995)', ['Animation', "Children's", 'Comedy']), 2: ('Misérables, Les (1995)', ['Drama', 'Musical']),
+         3: ('GoldenEye (1995)', ['Action', 'Adventure', 'Thriller']), 4: ('Seven (Se7en) (1995)', ['Crime', 'Thriller']),
+         5: ('unknown', ['unknown']), 6: ('Film-Noir Test (1950)', ['Film-Noir', 'Sci-Fi'])}
+
+
+def world(n_users=12, length=20, seed=0):
+    """Ratings (user, item, rating, timestamp): random, then two fixed rows with a tied timestamp."""
+    rng = np.random.default_rng(seed)
+    rows = [(u, int(rng.integers(1, 7)), int(rng.integers(1, 6)), int(t))
+            for u in range(1, n_users + 1) for t in rng.choice(np.arange(1000, 3000), length, replace=False)]
+    return rows + [(99, 5, 4, 2500), (99, 2, 1, 2500)]  # user 99: a tie, item 5 listed first; too short for n=3
+
+
+def write(folder, fmt, rows, items=ITEMS):
+    """Write the files of one format into folder (created); return the --data-dir to pass."""
+    os.makedirs(folder, exist_ok=True)
+
+    def put(name, lines, encoding):
+        with open(os.path.join(folder, name), 'w', encoding=encoding, newline='\n') as f:
+            f.write(''.join(line + '\n' for line in lines))
+    if fmt in ('grouplens', 'zip'):
+        put('u.data', [f'{u}\t{i}\t{r}\t{t}' for u, i, r, t in rows], 'latin-1')
+        put('u.item', [f'{i}|{title}|01-Jan-1995||http://x|' + '|'.join('1' if g in genres else '0' for g in data.ML100K_GENRES)
+                       for i, (title, genres) in items.items()], 'latin-1')
+        if fmt == 'zip':
+            path = str(folder) + '.zip'
+            with zipfile.ZipFile(path, 'w') as z:
+                for name in ('u.data', 'u.item'):
+                    z.write(os.path.join(folder, name), f'ml-100k/{name}')
+            return path
+    elif fmt == 'recbole':
+        put('ml-100k.inter', ['user_id:token\titem_id:token\trating:float\ttimestamp:float']
+            + [f'{u}\t{i}\t{r}\t{t}' for u, i, r, t in rows], 'utf-8')
+        split_title = lambda t: (t[:-7], t[-5:-1]) if t.endswith(')') and t[-5:-1].isdigit() else (t, 'unkonwn')
+        put('ml-100k.item', ['item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq']
+            + [f'{i}\t' + '\t'.join(split_title(title)) + '\t' + ' '.join(genres) for i, (title, genres) in items.items()],
+            'utf-8')
+    elif fmt == 'ml-1m':
+        put('ratings.dat', [f'{u}::{i}::{r}::{t}' for u, i, r, t in rows], 'latin-1')
+        put('movies.dat', [f'{i}::{title}::' + '|'.join(genres) for i, (title, genres) in items.items()], 'latin-1')
+    return str(folder)
+
+
+def texts(ds, user):
+    enc = data.get_tokenizer()
+    return [enc.decode(ids) for ids, _ in ds['users'][user]]
+
+
+def same(a, b):
+    return (a['users'] == b['users'] and all(np.array_equal(x, y) for x, y in zip(a['split'], b['split']))
+            and all(np.array_equal(x, y) for x, y in zip(a['item'], b['item'])))
+
+
+def test_every_format_gives_the_same_data_set(tmp_path):
+    rows = world()
+    ref = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', rows))
+    assert same(ref, data.movielens('ml-100k', write(tmp_path / 'z', 'zip', rows)))
+    assert same(ref, data.movielens('ml-100k', write(tmp_path / 'r', 'recbole', rows)))
+    assert same(ref, data.movielens('ml-1m', write(tmp_path / 'm', 'ml-1m', rows)))
+    # a folder holding the extracted ml-100k/ folder, or ml-100k.zip, is found as well
+    write(tmp_path / 'parent' / 'ml-100k', 'grouplens', rows)
+    assert same(ref, data.movielens('ml-100k', str(tmp_path / 'parent')))
+    assert len(ref['users']) == 13 and ref['name'] == 'ml-100k' and np.isnan(np.concatenate(ref['prob'])).all()
+
+
+def test_ctr_rules_text_labels_order_and_ties(tmp_path):
+    rows = world()
+    ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', rows))
+    first = sorted((t, i, r) for u, i, r, t in rows if u == 1)
+    assert ds['item'][0].tolist() == [i for _, i, _ in first]                 # time order
+    assert [y for _, y in ds['users'][0]] == [int(r >= 4) for _, _, r in first]  # label = rating >= 4
+    assert texts(ds, 12) == ['Misérables, Les (1995) | Drama, Musical', 'unknown | unknown']  # tie: item 2 first
+    assert 'Toy Story (1995) | Animation, Children\'s, Comedy' in {s for u in range(13) for s in texts(ds, u)}
+
+
+def test_split_by_global_time_quantiles(tmp_path):
+    rows = [(1 + t % 3, 1 + t % 6, 4, t) for t in range(1, 11)]  # times 1..10 across 3 users
+    ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', rows))
+    got = {}
+    for u, split in enumerate(ds['split']):
+        got.update(zip(sorted(t for user, _, _, t in rows if user == u + 1), split.tolist()))
+    assert got == {**{t: 0 for t in range(1, 9)}, 9: 1, 10: 2}  # the quantiles are 8.2 and 9.1
+
+
+def test_statistics_and_short_users(tmp_path):
+    ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', world()))
+    line = data.describe(ds, 3)
+    targets = [sum(int((np.asarray(s)[3:] == split).sum()) for s in ds['split']) for split in range(3)]
+    assert sum(targets) == 12 * 17  # user 99 has 2 interactions: no target
+    assert f'train {targets[0]}, valid {targets[1]}, test {targets[2]};' in line
+    assert '13 users, 6 items, 242 interactions' in line and 'tokens per block: mean' in line
+    runs, _ = data.segments(ds, 0, 3)
+    assert len(runs) <= 12 and all(len(r) > 3 for r in runs)
+
+
+def test_cli_trains_on_movielens_and_prints_the_baseline(tmp_path, capsys):
+    folder = write(tmp_path / 'r', 'recbole', world(n_users=30, length=30))
+    res = dti_minimal.main(['--mode', 'dti', '--dataset', 'ml-100k', '--data-dir', folder, '--n', '3', '--k', '5',
+                            '--n-embd', '16', '--epochs', '1', '--out', str(tmp_path / 'out')])
+    saved = json.loads((tmp_path / 'out' / 'results.json').read_text())
+    assert saved['dataset'] == 'ml-100k' and saved['bayes_auc'] is None and 0 <= saved['test_auc'] <= 1
+    assert 0 <= saved['baseline_test_auc'] <= 1 and res['targets_trained'] > 0
+    out = capsys.readouterr().out
+    assert 'ml-100k: 31 users, 6 items, 902 interactions' in out and 'test LR' in out
+
+
+# -----------------------------------------------------------------------------
+# bad input: one line naming the file (and line), exit code 2
+
+
+def cli_error(capsys, folder, dataset='ml-100k', extra=()):
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(['--dataset', dataset, '--n', '3', '--epochs', '1'] + (['--data-dir', folder] if folder else [])
+                         + list(extra))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    return err
+
+
+@pytest.mark.parametrize('line, message', [
+    ('1\t2\t3', 'u.data line 3: 3 fields, expected 4'),
+    ('x\t2\t3\t100', "u.data line 3: user id 'x' is not an integer"),
+    ('1\t2.5\t3\t100', "u.data line 3: item id '2.5' is not an integer"),
+    ('1\t2\t6\t100', "u.data line 3: rating '6' is not a number in 1..5"),
+    ('1\t2\t0\t100', "u.data line 3: rating '0' is not a number in 1..5"),
+    ('1\t2\t3\tnoon', "u.data line 3: timestamp 'noon' is not a number"),
+    ('1\t77\t3\t100', 'u.data line 3: item 77 is not in'),
+])
+def test_malformed_rating_lines(tmp_path, capsys, line, message):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    lines = open(os.path.join(folder, 'u.data')).read().splitlines()
+    lines[2] = line
+    open(os.path.join(folder, 'u.data'), 'w').write('\n'.join(lines) + '\n')
+    assert message in cli_error(capsys, folder)
+
+
+@pytest.mark.parametrize('fmt, name, message', [
+    ('grouplens', 'u.data', 'u.data: empty file'),
+    ('recbole', 'ml-100k.inter', 'ml-100k.inter: empty file'),
+    ('ml-1m', 'movies.dat', 'movies.dat: empty file'),
+])
+def test_empty_files(tmp_path, capsys, fmt, name, message):
+    folder = write(tmp_path / 'g', fmt, world())
+    open(os.path.join(folder, name), 'w').close()
+    assert message in cli_error(capsys, folder, 'ml-1m' if fmt == 'ml-1m' else 'ml-100k')
+
+
+def test_missing_files_and_folders(tmp_path, capsys):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    os.remove(os.path.join(folder, 'u.item'))
+    assert 'has u.data but not u.item' in cli_error(capsys, folder)
+    assert 'does not exist' in cli_error(capsys, str(tmp_path / 'nowhere'))
+    assert 'no ml-1m files in it' in cli_error(capsys, folder, 'ml-1m')
+
+
+def test_bad_zips(tmp_path, capsys):
+    (tmp_path / 'ml-100k.zip').write_text('not a zip')
+    assert 'not a zip file' in cli_error(capsys, str(tmp_path / 'ml-100k.zip'))
+    with zipfile.ZipFile(tmp_path / 'evil.zip', 'w') as z:
+        z.writestr('ml-100k/u.data', '1\t1\t4\t1\n')
+        z.writestr('../u.item', '1|a|||x|' + '|'.join('0' * 19) + '\n')
+    assert "refusing member '../u.item'" in cli_error(capsys, str(tmp_path / 'evil.zip'))
+
+
+# -----------------------------------------------------------------------------
+# the cache and the download (a file:// URL stands in for files.grouplens.org)
+
+
+def serve(monkeypatch, tmp_path, md5=None):
+    """Point the ml-100k download at a fixture zip; the cache is an empty $DTI_DATA."""
+    path = write(tmp_path / 'src', 'zip', world())
+    real = hashlib.md5(open(path, 'rb').read()).hexdigest()
+    monkeypatch.setitem(data.MOVIELENS, 'ml-100k', ('file://' + path, md5 or real))
+    monkeypatch.setenv('DTI_DATA', str(tmp_path / 'cache'))
+    return tmp_path / 'cache'
+
+
+def test_download_is_md5_checked_then_cached(tmp_path, monkeypatch):
+    cache = serve(monkeypatch, tmp_path)
+    ds = data.movielens('ml-100k')
+    assert sorted(os.listdir(cache)) == ['ml-100k.zip'] and len(ds['users']) == 13
+    monkeypatch.setitem(data.MOVIELENS, 'ml-100k', ('file:///nowhere/ml-100k.zip', 'x'))  # no second download
+    assert same(ds, data.movielens('ml-100k'))
+
+
+def test_wrong_md5_keeps_nothing(tmp_path, monkeypatch, capsys):
+    cache = serve(monkeypatch, tmp_path, md5='0' * 32)
+    assert 'is not the expected 000' in cli_error(capsys, None)
+    assert os.listdir(cache) == []
+
+
+def test_no_network_no_files_says_where_to_put_them(tmp_path, monkeypatch, capsys):
+    cache = serve(monkeypatch, tmp_path)
+    monkeypatch.setitem(data.MOVIELENS, 'ml-100k', ('file:///nowhere/ml-100k.zip', 'x'))
+    err = cli_error(capsys, None)
+    assert 'download of file:///nowhere/ml-100k.zip failed' in err and f'put ml-100k.zip or its extracted folder in {cache}' in err
+    assert os.listdir(cache) == []
