@@ -12,11 +12,13 @@ import argparse
 import json
 import math
 import os
+import random
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from tqdm import tqdm
@@ -25,12 +27,17 @@ import data
 from model import GPT, GPTConfig, attention_mask, ctr_loss
 
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m']
+RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them, see main)
+CKPT_FORMAT = 'dti-minimal checkpoint v1'
+SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
+RUN_ARGS = ['mode', 'dataset', 'users', 'data_dir', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
+            'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
 
 
-def die(msg):
-    """Bad input: one line on stderr, exit code 2, no traceback."""
+def die(msg, code=2):
+    """Bad input (exit code 2) or a failed run (1): one line on stderr, no traceback."""
     print(f'dti_minimal.py: error: {msg}', file=sys.stderr)
-    sys.exit(2)
+    sys.exit(code)
 
 
 def k_list(text):
@@ -72,7 +79,10 @@ def parse_args(argv=None):
     p.add_argument('--lr', type=float, default=3e-3)
     p.add_argument('--weight-decay', type=float, default=0.01)
     p.add_argument('--seed', type=int, default=0, help='model init and shuffling (the data is fixed)')
-    p.add_argument('--device', default='cpu')
+    p.add_argument('--device', default='auto', help='auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps')
+    p.add_argument('--compile', action='store_true', help='torch.compile the model for training')
+    p.add_argument('--ckpt-every', type=int, default=200, help='write DIR/ckpt.pt every N steps (0: at the end only)')
+    p.add_argument('--resume', action='store_true', help='continue the run whose checkpoint is DIR/ckpt.pt')
     p.add_argument('--out', default='out', help='output folder for results.json')
     p.add_argument('--eval-mode', choices=['sw', 'dti'], default='sw',
                    help='score valid/test targets with SW prompts (default) or DTI streams')
@@ -84,16 +94,32 @@ def parse_args(argv=None):
     for name in ('users', 'n', 'n_layer', 'n_head', 'n_embd', 'block_size', 'epochs', 'batch_size'):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.ckpt_every < 0:
+        die(f'--ckpt-every must be 0 or more, got {args.ckpt_every}')
+    if args.users > 100_000:
+        die(f'--users {args.users} is more synthetic users than this script generates (at most 100000)')
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
+    params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + args.block_size * args.n_embd
+    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
+        die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
+            f'more than this machine\'s {memory / 2**30:.0f} GiB')
     if not args.lr > 0 or not 0 <= args.dropout < 1:
         die('--lr must be > 0 and --dropout in [0, 1)')
+    if args.device == 'auto':
+        args.device = ('cuda' if torch.cuda.is_available() else
+                       'mps' if torch.backends.mps.is_available() else 'cpu')
     try:
         device = torch.device(args.device)
     except RuntimeError:
         die(f'unknown --device {args.device!r}')
-    if device.type == 'cuda' and not torch.cuda.is_available():
-        die(f'--device {args.device}: no CUDA device here')
+    if device.type not in ('cpu', 'cuda', 'mps'):
+        die(f'--device {args.device}: use auto, cpu, cuda, cuda:N or mps')
+    if device.type == 'cuda' and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        die(f'--device {args.device}: no such CUDA device here')
+    if device.type == 'mps' and not torch.backends.mps.is_available():
+        die(f'--device {args.device}: no MPS device here')
     return args
 
 
@@ -190,37 +216,117 @@ def learning_rate(step, total_steps, lr):
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def train(model, prompts, args, desc='train'):
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    device = torch.device(device)
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
+
+
+def rng_states():
+    np_state = np.random.get_state(legacy=False)
+    np_state['state']['key'] = torch.from_numpy(np_state['state']['key'].astype(np.int64))  # tensors load safely
+    return dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states):
+    random.setstate(states['python'])
+    np_state = states['numpy']
+    np.random.set_state({**np_state, 'state': {**np_state['state'], 'key': np_state['state']['key'].numpy().astype(np.uint32)}})
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def save_checkpoint(folder, model, opt, step, where, seen, seconds, records, args):
+    """DIR/ckpt.pt, atomically: a temporary file, then os.replace. Rank 0 only."""
+    if RANK:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'ckpt.pt')
+    torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                    epoch=where[0], batch_in_epoch=where[1], seen=seen, seconds=seconds, records=records,
+                    rng=rng_states(), args=vars(args)), path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_checkpoint(args):
+    """DIR/ckpt.pt for --resume, checked against this run's arguments; any problem is one line."""
+    path = os.path.join(args.out, 'ckpt.pt')
+    if not os.path.isfile(path):
+        die(f'--resume: no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain types only
+    except Exception as e:
+        die(f'{path}: not a readable checkpoint ({type(e).__name__})')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
+        die(f'{path}: not a dti-minimal checkpoint')
+    for key in SHAPE_ARGS + RUN_ARGS:
+        old, new = ckpt['args'].get(key), getattr(args, key)
+        if old != new:
+            flag = '--' + key.replace('_', '-')
+            die(f'--resume: {flag} {new} changes the model shape (the checkpoint has {old})' if key in SHAPE_ARGS else
+                f'--resume: {flag} {new} differs from the checkpoint ({old}); a resumed run must be the same run')
+    return ckpt
+
+
+def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
     """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, per-step records
     (seconds, targets, loss, padded share of the batch's tokens)); the clock covers collation,
-    forward, backward and the update."""
+    forward, backward and the update.
+    The batches of every epoch are drawn up front from args.seed, so a run is a fixed list of steps:
+    with ckpt_dir, DIR/ckpt.pt is written every args.ckpt_every steps and at the end, and `resume`
+    (a loaded checkpoint) continues at its step. Under torchrun every rank takes its share of each
+    batch's prompts and DistributedDataParallel sums the gradients."""
     rng = np.random.default_rng(args.seed)
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
                              dict(params=no_decay, weight_decay=0.0)], lr=args.lr, fused=True)
     per_epoch = data.targets_of(prompts)
-    epochs = [batches(prompts, args.batch_size, rng) for _ in range(args.epochs)]
-    total_steps = sum(map(len, epochs))
+    plan = [(e, i, batch) for e in range(args.epochs)
+            for i, batch in enumerate(batches(prompts, args.batch_size, rng))]  # (epoch, step in epoch, batch)
+    start, seen, seconds, records = 0, 0, 0.0, []
+    if resume is not None:
+        model.load_state_dict(resume['model'])
+        opt.load_state_dict(resume['optimizer'])
+        start, seen, seconds, records = resume['step'], resume['seen'], resume['seconds'], list(resume['records'])
+        set_rng_states(resume['rng'])
+    net = torch.compile(model) if getattr(args, 'compile', False) else model
+    if WORLD > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)
     model.train()
-    seen, seconds, records = 0, 0.0, []
-    bar = tqdm(total=args.epochs * per_epoch, unit='target', desc=desc, dynamic_ncols=True, disable=None)
-    for epoch, epoch_batches in enumerate(epochs):
-        for batch in epoch_batches:
-            t0 = time.perf_counter()
-            for group in opt.param_groups:
-                group['lr'] = learning_rate(len(records), total_steps, args.lr)
-            b = {key: v.to(args.device) for key, v in data.collate(batch).items()}
-            loss = ctr_loss(model(b['idx'], b['item'], b['role']), b['label'])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            n_targets, step_seconds = int((b['label'] >= 0).sum()), time.perf_counter() - t0
-            seen, seconds = seen + n_targets, seconds + step_seconds
-            records.append((step_seconds, n_targets, loss.item(), float((b['role'] == data.PAD).float().mean())))
-            bar.set_postfix(epoch=epoch + 1, loss=f'{loss.item():.4f}', targets_per_s=f'{seen / seconds:.0f}',
-                            refresh=False)
-            bar.update(n_targets)
+    bar = tqdm(total=args.epochs * per_epoch, initial=seen, unit='target', desc=desc, dynamic_ncols=True,
+               disable=True if RANK else None)
+    for step in range(start, len(plan)):
+        epoch, _, batch = plan[step]
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group['lr'] = learning_rate(step, len(plan), args.lr)
+        mine = batch[RANK::WORLD]
+        b = {key: v.to(args.device) for key, v in data.collate(mine or batch[:1]).items()}
+        n_targets = sum(int((p['label'] >= 0).sum()) for p in batch)
+        share = int((b['label'] >= 0).sum()) / n_targets if mine else 0.0  # a rank without prompts adds 0
+        with autocast(args.device):
+            loss = ctr_loss(net(b['idx'], b['item'], b['role']), b['label']) * share * WORLD  # DDP averages
+        step_loss = loss.detach().float() / WORLD
+        if WORLD > 1:
+            dist.all_reduce(step_loss)  # the batch's mean loss, the same number on every rank
+        if not math.isfinite(step_loss.item()):
+            kept = f'the last good checkpoint is {os.path.join(ckpt_dir, "ckpt.pt")}' if ckpt_dir and os.path.exists(
+                os.path.join(ckpt_dir, 'ckpt.pt')) else 'no checkpoint was written'
+            die(f'the loss is {step_loss.item()} at step {step + 1} (epoch {epoch + 1}); stopped, {kept}', code=1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step_seconds = time.perf_counter() - t0
+        seen, seconds = seen + n_targets, seconds + step_seconds
+        records.append((step_seconds, n_targets, step_loss.item(), float((b['role'] == data.PAD).float().mean())))
+        bar.set_postfix(epoch=epoch + 1, loss=f'{step_loss.item():.4f}', targets_per_s=f'{seen / seconds:.0f}',
+                        refresh=False)
+        bar.update(n_targets)
+        if ckpt_dir and (step + 1 == len(plan) or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
+            save_checkpoint(ckpt_dir, model, opt, step + 1, plan[step][:2], seen, seconds, records, args)
     bar.close()
     return seen, seconds, records
 
@@ -249,27 +355,36 @@ def flops_per_target(prompts, args):
 
 
 @torch.no_grad()
-def predict(model, prompts, device='cpu', max_tokens=32768):
-    """Logits of every target, in prompt order and position order inside a prompt."""
+def predict(model, prompts, device=None, max_tokens=32768):
+    """Logits of every target, in prompt order and position order inside a prompt. Under torchrun
+    each rank scores every WORLD-th prompt and all ranks gather all logits."""
+    device = device or next(model.parameters()).device
     model.eval()
-    order = np.argsort([len(p['idx']) for p in prompts], kind='stable')  # similar lengths together
+    mine = list(range(RANK, len(prompts), WORLD))
+    order = [mine[o] for o in np.argsort([len(prompts[i]['idx']) for i in mine], kind='stable')]  # similar lengths
     out = [None] * len(prompts)
     i = 0
-    bar = tqdm(total=len(prompts), unit='prompt', desc='eval', leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(total=len(order), unit='prompt', desc='eval', leave=False, dynamic_ncols=True,
+               disable=True if RANK else None)
     while i < len(order):
-        T = len(prompts[order[i]]['idx'])
         j = i + 1
         while j < len(order) and (j - i + 1) * len(prompts[order[j]]['idx']) <= max_tokens:
             j += 1
-        chunk = [prompts[o] for o in order[i:j]]
-        b = {key: v.to(device) for key, v in data.collate(chunk).items()}
-        logits = model(b['idx'], b['item'], b['role']).float().cpu()       # (B, T)
+        b = {key: v.to(device) for key, v in data.collate([prompts[o] for o in order[i:j]]).items()}
+        with autocast(device):
+            logits = model(b['idx'], b['item'], b['role']).float().cpu()       # (B, T)
         for o, row, lab in zip(order[i:j], logits, b['label'].cpu()):
             out[o] = row[lab >= 0].numpy()
         bar.update(j - i)
         i = j
     bar.close()
     model.train()
+    if WORLD > 1:
+        parts = [None] * WORLD
+        dist.all_gather_object(parts, [(o, out[o]) for o in mine])
+        for part in parts:
+            for o, logits in part:
+                out[o] = logits
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -305,8 +420,9 @@ def prepare(args, ds, mode, k, evals=None):
     return train_prompts, evals
 
 
-def run(args, ds, mode, k, prepared, init=None):
-    """Train one model (from the state `init` if given), evaluate it, return its results."""
+def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
+    """Train one model (from the state `init` if given; checkpoints into ckpt_dir; continuing the
+    checkpoint `resume`), evaluate it, return its results."""
     train_prompts, evals = prepared
     torch.manual_seed(args.seed)
     model = build_model(args)
@@ -314,7 +430,7 @@ def run(args, ds, mode, k, prepared, init=None):
         model.load_state_dict(init)
     print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {data.targets_of(train_prompts)} train targets, '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
-    targets_trained, train_seconds, records = train(model, train_prompts, args, desc=f'train {mode}')
+    targets_trained, train_seconds, records = train(model, train_prompts, args, f'train {mode}', ckpt_dir, resume)
     res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos,
                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=args.seed,
                targets_trained=targets_trained, train_seconds=train_seconds,
@@ -336,7 +452,9 @@ def run(args, ds, mode, k, prepared, init=None):
 
 
 def write_json(folder, name, obj):
-    """Atomically: a temporary file, then os.replace."""
+    """Atomically: a temporary file, then os.replace. Rank 0 only."""
+    if RANK:
+        return os.path.join(folder, name)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, name + '.tmp')
     with open(tmp, 'w') as f:
@@ -363,11 +481,11 @@ def compare(args, ds):
                           analytic_speedup=sw['flops_per_target'] / dti['flops_per_target'],
                           ideal_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
                           dti_test_auc=dti['test_auc'], dti_test_logloss=dti['test_logloss'],
-                          dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding']))
+                          dti_test_f1=dti['test_f1'], dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding']))
     res = dict(sweep[0], sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
-               sw_test_logloss=sw['test_logloss'], sw_flops_per_target=sw['flops_per_target'],
+               sw_test_logloss=sw['test_logloss'], sw_test_f1=sw['test_f1'], sw_flops_per_target=sw['flops_per_target'],
                sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], bayes_auc=sw['bayes_auc'],
-               baseline_test_auc=sw['baseline_test_auc'], n=args.n, mask=args.mask,
+               **{key: sw[key] for key in ('baseline_test_auc', 'baseline_test_logloss', 'baseline_test_f1')}, n=args.n, mask=args.mask,
                targets_trained=sw['targets_trained'], torch=torch.__version__, threads=torch.get_num_threads(),
                sweep=sweep, args=vars(args))
     path = write_json(args.out, 'compare.json', res)
@@ -379,8 +497,13 @@ def compare(args, ds):
     for r in sweep:
         print(f"{'DTI k=' + str(r['k']):>9} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
               f"{r['analytic_speedup']:8.1f}x {r['ideal_ratio']:9.1f}x {r['dti_test_auc']:9.4f} {r['dti_padding']:8.1%}")
-    print(f"{'test LR':>9} {'':>10} {'':>9} {'':>9} {'':>10} {sw['baseline_test_auc']:9.4f}   (logistic regression "
-          f"on the item's and the window's positive rates)")
+    print(f"\n{'':>9} {'test AUC':>9} {'LogLoss':>8} {'F1':>7} {'train s':>8}")
+    print(f"{'SW':>9} {sw['test_auc']:9.4f} {sw['test_logloss']:8.4f} {sw['test_f1']:7.4f} {sw['train_seconds']:8.1f}")
+    for r in sweep:
+        print(f"{'DTI k=' + str(r['k']):>9} {r['dti_test_auc']:9.4f} {r['dti_test_logloss']:8.4f} {r['dti_test_f1']:7.4f} "
+              f"{r['dti_train_seconds']:8.1f}")
+    print(f"{'test LR':>9} {sw['baseline_test_auc']:9.4f} {sw['baseline_test_logloss']:8.4f} {sw['baseline_test_f1']:7.4f}"
+          f"{'':>9}  (logistic regression on the item's and the window's positive rates)")
     print(f'wrote {path}')
     return res
 
@@ -431,17 +554,47 @@ def bench(args):
     return res
 
 
+def setup_distributed(args):
+    """Under torchrun (it sets RANK, WORLD_SIZE, LOCAL_RANK): join the process group, gloo on CPU,
+    nccl on CUDA with one GPU per process. Only rank 0 prints and writes files."""
+    global RANK, WORLD
+    if 'RANK' not in os.environ:
+        return
+    if args.mode not in ('sw', 'dti'):
+        die('torchrun runs --mode sw or dti')
+    cuda = torch.device(args.device).type == 'cuda'
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    RANK, WORLD = dist.get_rank(), dist.get_world_size()
+    if RANK:
+        sys.stdout = open(os.devnull, 'w')
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not writable_folder(args.out):
         die(f'output folder {args.out} cannot be written')
+    if args.resume and args.mode not in ('sw', 'dti'):
+        die('--resume continues a --mode sw or dti run')
+    ckpt = load_checkpoint(args) if args.resume else None
     if args.mode == 'bench':
         return bench(args)
-    ds = load_dataset(args)
     if args.mode == 'compare':
-        return compare(args, ds)
+        return compare(args, load_dataset(args))
+    setup_distributed(args)
+    try:
+        return train_and_report(args, load_dataset(args), ckpt)
+    finally:
+        if WORLD > 1:
+            dist.destroy_process_group()
+
+
+def train_and_report(args, ds, ckpt):
+    """--mode sw or dti: train with checkpoints in DIR, evaluate, write results.json, print the table."""
     k = args.k[0]
-    res, _ = run(args, ds, args.mode, k, prepare(args, ds, args.mode, k))
+    res, _ = run(args, ds, args.mode, k, prepare(args, ds, args.mode, k), ckpt_dir=args.out, resume=ckpt)
     path = write_json(args.out, 'results.json', res)
     bayes = lambda v: f'{v:10.4f}' if v is not None else f"{'-':>10}"
     print(f"\n{'':8} {'AUC':>7} {'LogLoss':>8} {'F1':>7} {'Acc':>7} {'Bayes AUC':>10}")

@@ -1,0 +1,170 @@
+"""Runs that survive: checkpoints and exact resume after SIGKILL, a non-finite loss, torchrun with
+two processes, and the bad-input table of README (one line naming the problem, exit code 2)."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import dti_minimal
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ['--users', '40', '--n', '5', '--k', '10', '--n-layer', '2', '--n-embd', '32', '--epochs', '1',
+        '--batch-size', '64']
+METRICS = ['valid_auc', 'valid_logloss', 'test_auc', 'test_logloss', 'test_f1', 'test_acc', 'first_loss', 'last_loss']
+
+
+def cli(*flags, timeout=600):
+    return subprocess.run([sys.executable, 'dti_minimal.py', *flags], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def results(folder):
+    return json.loads((folder / 'results.json').read_text())
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path):
+    flags = TINY + ['--epochs', '2', '--ckpt-every', '5']
+    assert cli(*flags, '--out', str(tmp_path / 'whole')).returncode == 0
+    killed = tmp_path / 'killed'
+    p = subprocess.Popen([sys.executable, 'dti_minimal.py', *flags, '--out', str(killed)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (killed / 'ckpt.pt').exists() and p.poll() is None:
+        time.sleep(0.005)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    ckpt = torch.load(killed / 'ckpt.pt', weights_only=True)
+    whole = torch.load(tmp_path / 'whole' / 'ckpt.pt', weights_only=True)
+    assert not (killed / 'results.json').exists()
+    assert 0 < ckpt['step'] < whole['step'] and ckpt['epoch'] == 0 and ckpt['batch_in_epoch'] > 0  # mid-epoch
+    r = cli(*flags, '--out', str(killed), '--resume')
+    assert r.returncode == 0, r.stderr
+    a, b = results(tmp_path / 'whole'), results(killed)
+    assert a['targets_trained'] == b['targets_trained']
+    for key in METRICS:
+        assert abs(a[key] - b[key]) <= 1e-6, (key, a[key], b[key])
+
+
+def test_checkpoint_holds_the_whole_state_and_loads_safely(tmp_path):
+    assert cli(*TINY, '--ckpt-every', '7', '--out', str(tmp_path)).returncode == 0
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert {'model', 'optimizer', 'step', 'epoch', 'batch_in_epoch', 'rng', 'args', 'records'} <= set(ckpt)
+    assert set(ckpt['rng']) >= {'python', 'numpy', 'torch'} and ckpt['args']['n_embd'] == 32
+    assert ckpt['step'] == len(ckpt['records']) and not list(tmp_path.glob('*.tmp'))
+
+
+def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    r = cli(*TINY, '--lr', '1e9', '--ckpt-every', '1', '--out', str(tmp_path))
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and 'Traceback' not in r.stderr
+    assert 'the loss is nan at step' in r.stderr and f'last good checkpoint is {tmp_path}' in r.stderr
+    step = int(r.stderr.split('at step ')[1].split()[0])
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['step'] == step - 1 and all(torch.isfinite(torch.tensor(x[2])) for x in ckpt['records'])
+    assert not (tmp_path / 'results.json').exists()
+
+
+def test_torchrun_two_processes_match_one_process(tmp_path):
+    """Same global batches: the two ranks' shares of each batch, gradients averaged by DDP (gloo).
+    Only the order of float32 sums differs (gradients over ranks, losses per rank), about 1e-7
+    per step; at this learning rate training is stable, so the metrics agree to 1e-5. (At lr 3e-3
+    this tiny run has a loss spike that amplifies any reordering of sums, one process or two.)"""
+    flags = TINY + ['--lr', '1e-3']
+    one = cli(*flags, '--out', str(tmp_path / 'one'))
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--',
+                          'dti_minimal.py', *flags, '--out', str(tmp_path / 'two')],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    a, b = results(tmp_path / 'one'), results(tmp_path / 'two')
+    assert a['targets_trained'] == b['targets_trained']
+    for key in METRICS:
+        assert abs(a[key] - b[key]) <= 1e-5, (key, a[key], b[key])
+    assert two.stdout.count(' users, ') == 1 and two.stdout.count('wrote ') == 1  # only rank 0 prints
+
+
+# -----------------------------------------------------------------------------
+# the bad-input table (README lists the same rows)
+
+
+@pytest.fixture(scope='module')
+def checkpoint_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('ckpt')
+    assert dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(folder)])
+    return folder
+
+
+BAD = [
+    (['--mask', 'causal'], "argument --mask: invalid choice: 'causal'"),
+    (['--k', '0'], 'argument --k: must be at least 1'),
+    (['--k', 'ten'], 'argument --k: takes whole numbers'),
+    (['--k', '5,10'], 'use it with --mode compare'),
+    (['--n', '0'], '--n must be at least 1'),
+    (['--n-layer', '-2'], '--n-layer must be at least 1'),
+    (['--batch-size', '0'], '--batch-size must be at least 1'),
+    (['--max-train-targets', '0'], '--max-train-targets must be at least 1'),
+    (['--ckpt-every', '-1'], '--ckpt-every must be 0 or more'),
+    (['--n-embd', '4000000', '--n-head', '1'], 'needs'),
+    (['--users', '100000000'], 'at most 100000'),
+    (['--n-embd', '30', '--n-head', '4'], 'not divisible'),
+    (['--pos', 'learned', '--block-size', '100'], 'longer than --block-size 100'),
+    (['--dataset', 'ml-10m'], "invalid choice: 'ml-10m'"),
+    (['--dataset', 'ml-100k', '--data-dir', '/nonexistent/ml'], '--data-dir /nonexistent/ml does not exist'),
+    (['--out', '/proc/version/out'], 'cannot be written'),
+    (['--device', 'gpu7'], "unknown --device 'gpu7'"),
+    (['--device', 'meta'], 'use auto, cpu, cuda, cuda:N or mps'),
+    (['--resume'], '--resume: no checkpoint at'),
+    (['--resume', '--mode', 'compare'], '--resume continues a --mode sw or dti run'),
+]
+
+
+@pytest.mark.parametrize('flags,message', BAD, ids=[' '.join(f) for f, _ in BAD])
+def test_bad_input_is_one_line_exit_2(flags, message, tmp_path, capsys):
+    out = tmp_path / 'out'
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(TINY + ['--out', str(out), *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count('\n') == 1, err
+    assert not out.exists()  # nothing written, not even the folder
+
+
+def test_no_cuda_device_here(capsys):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    with pytest.raises(SystemExit):
+        dti_minimal.main(['--device', 'cuda'])
+    assert 'no such CUDA device here' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--n-embd', '64'], '--resume: --n-embd 64 changes the model shape (the checkpoint has 32)'),
+    (['--pos', 'learned'], '--resume: --pos learned changes the model shape'),
+    (['--lr', '0.01'], '--resume: --lr 0.01 differs from the checkpoint (0.003)'),
+    (['--k', '7'], '--resume: --k [7] differs from the checkpoint ([10])'),
+])
+def test_resume_with_other_arguments(flags, message, checkpoint_dir, capsys):
+    before = hashlib.sha256((checkpoint_dir / 'ckpt.pt').read_bytes()).hexdigest()
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(checkpoint_dir), '--resume', *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count('\n') == 1, err
+    assert hashlib.sha256((checkpoint_dir / 'ckpt.pt').read_bytes()).hexdigest() == before
+
+
+@pytest.mark.parametrize('content,message', [
+    (b'not a checkpoint', 'not a readable checkpoint'),
+    (None, 'not a dti-minimal checkpoint'),
+])
+def test_corrupt_or_foreign_checkpoint(content, message, tmp_path, capsys):
+    if content is None:
+        torch.save({'model': {}, 'format': 'someone else'}, tmp_path / 'ckpt.pt')
+    else:
+        (tmp_path / 'ckpt.pt').write_bytes(content)
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(TINY + ['--out', str(tmp_path), '--resume'])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and err.count('\n') == 1, err
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']
