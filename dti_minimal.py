@@ -30,7 +30,7 @@ DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m'
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them, see main)
 CKPT_FORMAT = 'dti-minimal checkpoint v1'
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
-RUN_ARGS = ['mode', 'dataset', 'users', 'data_dir', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
+RUN_ARGS = ['mode', 'dataset', 'users', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
             'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
 
 

@@ -168,3 +168,23 @@ def test_corrupt_or_foreign_checkpoint(content, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and err.count('\n') == 1, err
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']
+
+
+@pytest.mark.parametrize('attn', ['sparse', 'dense'])
+def test_bf16_autocast_runs_both_attention_paths(attn):
+    """What --device cuda does to the forward pass, with the CPU's bf16 autocast standing in (no
+    GPU here): both paths run, logits stay within bf16 round-off of fp32, gradients are finite."""
+    import data
+    from model import ctr_loss
+    args = dti_minimal.parse_args(TINY + ['--attn', attn, '--device', 'cpu'])
+    ds = data.synthetic(n_users=10, n=args.n)
+    b = data.collate(dti_minimal.make_prompts(ds, 0, 'dti', args.n, 10)[0][:4])
+    torch.manual_seed(0)
+    model = dti_minimal.build_model(args)
+    full = model(b['idx'], b['item'], b['role'])
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        half = model(b['idx'], b['item'], b['role'])
+        loss = ctr_loss(half, b['label'])
+    loss.backward()
+    assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.1
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
