@@ -188,3 +188,12 @@ def test_bf16_autocast_runs_both_attention_paths(attn):
     loss.backward()
     assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.1
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_compile_trains_end_to_end(tmp_path):
+    """--compile on the CPU: torch.compile runs the model between graph breaks at the tile plan
+    (data-dependent shapes); a tiny run trains, evaluates and writes its results."""
+    r = cli(*TINY, '--compile', '--out', str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = results(tmp_path)
+    assert res['args']['compile'] and 0.5 < res['test_auc'] <= 1 and res['last_loss'] < res['first_loss']
