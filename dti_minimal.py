@@ -579,11 +579,11 @@ def main(argv=None):
     if args.resume and args.mode not in ('sw', 'dti'):
         die('--resume continues a --mode sw or dti run')
     ckpt = load_checkpoint(args) if args.resume else None
+    setup_distributed(args)
     if args.mode == 'bench':
         return bench(args)
     if args.mode == 'compare':
         return compare(args, load_dataset(args))
-    setup_distributed(args)
     try:
         return train_and_report(args, load_dataset(args), ckpt)
     finally:
