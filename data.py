@@ -297,15 +297,16 @@ def find_movielens(name, data_dir=None):
             a, b = GROUPLENS_FILES[name]
             raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, or {name}.zip)')
         return found
-    found = _locate(name, cache_dir()) if os.path.isdir(cache_dir()) else None
+    found = _locate(name, cache_dir())
     if found is None:
         download(name, cache_dir())
         found = _locate(name, cache_dir())
     return found
 
 
-def _rows(file, sep, encoding, header=False):
-    """(label, [(line number, fields)]) of a file's non-blank lines, all with as many fields as the first."""
+def _rows(file, sep, encoding, header=False, width=None):
+    """(label, [(line number, fields)]) of a file's non-blank lines, each with `width` fields (by
+    default as many as the first)."""
     label, read = file
     try:
         lines = read().decode(encoding).splitlines()
@@ -314,7 +315,7 @@ def _rows(file, sep, encoding, header=False):
     rows = [(i, line.split(sep)) for i, line in enumerate(lines, 1) if line.strip()]
     if len(rows) <= header:
         raise DataError(f'{label}: empty file')
-    width = len(rows[0][1])
+    width = width or len(rows[0][1])
     for i, fields in rows:
         if len(fields) != width:
             raise DataError(f'{label} line {i}: {len(fields)} fields, expected {width}')
@@ -353,14 +354,10 @@ def _item_texts(fmt, file):
             texts[_number(label, i, item, 'item id')] = f'{title} | {", ".join(genres.split())}'
         return texts
     if file[0].endswith('u.item'):  # id|title|release date|video date|url|19 genre flags; latin-1
-        label, rows = _rows(file, '|', 'latin-1')
-        if len(rows[0][1]) != 5 + len(ML100K_GENRES):
-            raise DataError(f'{label} line {rows[0][0]}: {len(rows[0][1])} fields, expected {5 + len(ML100K_GENRES)}')
+        label, rows = _rows(file, '|', 'latin-1', width=5 + len(ML100K_GENRES))
         return {_number(label, i, f[0], 'item id'):
                 f'{f[1]} | {", ".join(g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == "1")}' for i, f in rows}
-    label, rows = _rows(file, '::', 'latin-1')  # movies.dat: id::Title (Year)::Genre|Genre
-    if len(rows[0][1]) != 3:
-        raise DataError(f'{label} line {rows[0][0]}: {len(rows[0][1])} fields, expected 3')
+    label, rows = _rows(file, '::', 'latin-1', width=3)  # movies.dat: id::Title (Year)::Genre|Genre
     return {_number(label, i, f[0], 'item id'): f'{f[1]} | {", ".join(f[2].split("|"))}' for i, f in rows}
 
 
@@ -371,9 +368,7 @@ def _ratings(fmt, file, texts, items_label):
         label, rows = _rows(file, '\t', 'utf-8', header=True)
         cols, rows = _columns(label, rows, ['user_id', 'item_id', 'rating', 'timestamp']), rows[1:]
     else:
-        label, rows = _rows(file, '\t' if file[0].endswith('u.data') else '::', 'latin-1')
-        if len(rows[0][1]) != 4:
-            raise DataError(f'{label} line {rows[0][0]}: {len(rows[0][1])} fields, expected 4')
+        label, rows = _rows(file, '\t' if file[0].endswith('u.data') else '::', 'latin-1', width=4)
         cols = [0, 1, 2, 3]
     try:
         out = np.array([[f[j] for j in cols] for _, f in rows], dtype=float)          # (N, 4)
