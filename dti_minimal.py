@@ -153,7 +153,8 @@ def baseline(ds, n):
             continue
         own = np.asarray(sp)[t] == 0                     # a train target leaves its own label out
         item_rate = (pos[it[t]] - own * lab[t] + 10 * overall) / (count[it[t]] - own + 10)
-        window_rate = (np.cumsum(np.r_[0, lab])[t] - np.cumsum(np.r_[0, lab])[t - n]) / n
+        liked = np.cumsum(np.r_[0, lab])                 # liked[t]: likes among interactions 0 .. t-1
+        window_rate = (liked[t] - liked[t - n]) / n
         X.append(np.stack([item_rate, window_rate], 1))
         y.append(lab[t])
         split.append(np.asarray(sp)[t])
@@ -446,7 +447,6 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
         res.update({f'{name}_{key}': float(v) for key, v in m.items()})
         res[f'{name}_bayes_auc'] = float(roc_auc_score(labels, prob)) if np.isfinite(prob).all() else None
     res['bayes_auc'] = res['test_bayes_auc']  # None on real data: nobody knows the true probabilities
-    res.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})
     res['args'] = vars(args)
     return res, model
 
@@ -472,6 +472,7 @@ def compare(args, ds):
     torch.manual_seed(args.seed)
     init = build_model(args).state_dict()
     sw, _ = run(args, ds, 'sw', args.k[0], sw_prepared, init)
+    sw.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})  # once per data set
     sweep = []
     for k in args.k:
         dti, _ = run(args, ds, 'dti', k, prepared[k], init)
@@ -595,6 +596,7 @@ def train_and_report(args, ds, ckpt):
     """--mode sw or dti: train with checkpoints in DIR, evaluate, write results.json, print the table."""
     k = args.k[0]
     res, _ = run(args, ds, args.mode, k, prepare(args, ds, args.mode, k), ckpt_dir=args.out, resume=ckpt)
+    res.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})
     path = write_json(args.out, 'results.json', res)
     bayes = lambda v: f'{v:10.4f}' if v is not None else f"{'-':>10}"
     print(f"\n{'':8} {'AUC':>7} {'LogLoss':>8} {'F1':>7} {'Acc':>7} {'Bayes AUC':>10}")
