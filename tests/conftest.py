@@ -37,6 +37,17 @@ def target_logits(model, prompts):
     return logits[b['label'] >= 0]
 
 
+def one_line_error(capsys, argv):
+    """Run the CLI in-process on argv, which must fail on bad input: exit code 2, one line on
+    stderr, no traceback. Returns that line."""
+    import dti_minimal
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
+    return err
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -10,6 +10,7 @@ import pytest
 
 import data
 import dti_minimal
+from conftest import one_line_error
 
 # item id -> (title with year, genres); item 2 has a latin-1 title, item 5 no year
 ITEMS = {1: ('Toy Story (1995)', ['Animation', "Children's", 'Comedy']), 2: ('Misérables, Les (1995)', ['Drama', 'Musical']),
@@ -122,13 +123,9 @@ def test_cli_trains_on_movielens_and_prints_the_baseline(tmp_path, capsys):
 # bad input: one line naming the file (and line), exit code 2
 
 
-def cli_error(capsys, folder, dataset='ml-100k', extra=()):
-    with pytest.raises(SystemExit) as e:
-        dti_minimal.main(['--dataset', dataset, '--n', '3', '--epochs', '1'] + (['--data-dir', folder] if folder else [])
-                         + list(extra))
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count('\n') == 1 and 'Traceback' not in err, err
-    return err
+def cli_error(capsys, folder, dataset='ml-100k'):
+    return one_line_error(capsys, ['--dataset', dataset, '--n', '3', '--epochs', '1']
+                          + (['--data-dir', folder] if folder else []))
 
 
 @pytest.mark.parametrize('line, message', [

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dti_minimal
+from conftest import one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--users', '40', '--n', '5', '--k', '10', '--n-layer', '2', '--n-embd', '32', '--epochs', '1',
@@ -124,19 +125,14 @@ BAD = [
 @pytest.mark.parametrize('flags,message', BAD, ids=[' '.join(f) for f, _ in BAD])
 def test_bad_input_is_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / 'out'
-    with pytest.raises(SystemExit) as e:
-        dti_minimal.main(TINY + ['--out', str(out), *flags])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count('\n') == 1, err
+    assert message in one_line_error(capsys, TINY + ['--out', str(out), *flags])
     assert not out.exists()  # nothing written, not even the folder
 
 
 def test_no_cuda_device_here(capsys):
     if torch.cuda.is_available():
         pytest.skip('this machine has CUDA')
-    with pytest.raises(SystemExit):
-        dti_minimal.main(['--device', 'cuda'])
-    assert 'no such CUDA device here' in capsys.readouterr().err
+    assert 'no such CUDA device here' in one_line_error(capsys, ['--device', 'cuda'])
 
 
 @pytest.mark.parametrize('flags,message', [
@@ -147,10 +143,8 @@ def test_no_cuda_device_here(capsys):
 ])
 def test_resume_with_other_arguments(flags, message, checkpoint_dir, capsys):
     before = hashlib.sha256((checkpoint_dir / 'ckpt.pt').read_bytes()).hexdigest()
-    with pytest.raises(SystemExit) as e:
-        dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(checkpoint_dir), '--resume', *flags])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count('\n') == 1, err
+    assert message in one_line_error(capsys, TINY + ['--max-train-targets', '200', '--out', str(checkpoint_dir),
+                                                     '--resume', *flags])
     assert hashlib.sha256((checkpoint_dir / 'ckpt.pt').read_bytes()).hexdigest() == before
 
 
@@ -163,10 +157,7 @@ def test_corrupt_or_foreign_checkpoint(content, message, tmp_path, capsys):
         torch.save({'model': {}, 'format': 'someone else'}, tmp_path / 'ckpt.pt')
     else:
         (tmp_path / 'ckpt.pt').write_bytes(content)
-    with pytest.raises(SystemExit) as e:
-        dti_minimal.main(TINY + ['--out', str(tmp_path), '--resume'])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and message in err and err.count('\n') == 1, err
+    assert message in one_line_error(capsys, TINY + ['--out', str(tmp_path), '--resume'])
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']
 
 
