@@ -30,7 +30,7 @@ DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m'
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them, see main)
 CKPT_FORMAT = 'dti-minimal checkpoint v1'
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
-RUN_ARGS = ['mode', 'dataset', 'users', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
+RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
             'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
 
 
@@ -51,6 +51,17 @@ def k_list(text):
     return ks
 
 
+def history_range(text):
+    """'60,120' -> (60, 120): the fewest and most interactions of a synthetic user."""
+    try:
+        lo, hi = (int(v) for v in text.split(','))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'takes MIN,MAX (two whole numbers), got {text!r}')
+    if not 1 <= lo <= hi <= 100_000:
+        raise argparse.ArgumentTypeError(f'needs 1 <= MIN <= MAX <= 100000, got {text}')
+    return lo, hi
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die  # one line, exit 2, also for argparse's own complaints
@@ -62,6 +73,8 @@ def parse_args(argv=None):
                    help='MovieLens: a GroupLens folder or zip, or RecBole atomic files (default: $DTI_DATA, '
                         '~/.cache/dti-minimal, else download there)')
     p.add_argument('--users', type=int, default=600, help='number of synthetic users')
+    p.add_argument('--history', type=history_range, default=(60, 120), metavar='MIN,MAX',
+                   help='interactions per synthetic user, drawn uniformly from MIN..MAX')
     p.add_argument('--n', type=int, default=20, help='context blocks each target sees')
     p.add_argument('--k', type=k_list, default=[50], help='targets per DTI stream; a list such as 1,5,50 sweeps k (compare)')
     p.add_argument('--mask', choices=['isolated', 'window'], default='isolated')
@@ -98,6 +111,9 @@ def parse_args(argv=None):
         die(f'--ckpt-every must be 0 or more, got {args.ckpt_every}')
     if args.users > 100_000:
         die(f'--users {args.users} is more synthetic users than this script generates (at most 100000)')
+    if args.users * args.history[1] > 12_000_000:
+        die(f'--users {args.users} --history {args.history[0]},{args.history[1]} allows '
+            f'{args.users * args.history[1]} interactions, more than this script generates (at most 12000000)')
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
     params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + args.block_size * args.n_embd
@@ -131,7 +147,8 @@ def load_dataset(args):
         except data.DataError as e:
             die(str(e))
     else:
-        ds = data.synthetic(n_users=args.users, n=args.n, canary=args.dataset.partition('-')[2] or None)
+        ds = data.synthetic(n_users=args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
+                            canary=args.dataset.partition('-')[2] or None)
     print(data.describe(ds, args.n))
     return ds
 

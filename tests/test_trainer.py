@@ -81,6 +81,18 @@ def test_max_train_targets_gives_both_modes_the_same_first_targets():
     assert np.array_equal(p_full[:333], p_sw)
 
 
+def test_history_sets_user_lengths_and_full_streams_raise_the_analytic_speedup():
+    def analytic(history):
+        args = dti_minimal.parse_args(TINY + ['--history', history])
+        ds = dti_minimal.load_dataset(args)
+        sw, dti = (dti_minimal.make_prompts(ds, 0, mode, 5, 10)[0] for mode in ('sw', 'dti'))
+        return ds, dti_minimal.flops_per_target(sw, args) / dti_minimal.flops_per_target(dti, args)
+    short, ratio_short = analytic('18,18')  # ~9 train targets a user: one stream, partly empty
+    long, ratio_long = analytic('150,150')  # ~115: mostly full streams of k=10
+    assert {len(u) for u in short['users']} == {18} and {len(u) for u in long['users']} == {150}
+    assert 1 < ratio_short < ratio_long
+
+
 def test_compare_mode_writes_compare_json_with_a_k_sweep(tmp_path):
     res = dti_minimal.main(TINY + ['--mode', 'compare', '--k', '2,20', '--max-train-targets', '600',
                                    '--eval-mode', 'dti', '--out', str(tmp_path)])
