@@ -98,9 +98,9 @@ def sdpa_mask(allowed, qpos, kpos, slopes=None):
     a float mask holding the bias -slope_h * (q - k) where allowed, -inf elsewhere: (B, nh, ..., Q, K)."""
     if slopes is None:
         return allowed[:, None]                                                # (B, 1, ..., Q, K)
-    dist = (qpos[..., :, None] - kpos[..., None, :]).to(slopes.dtype)          # (B, ..., Q, K)
+    dist = qpos.to(slopes.dtype)[..., :, None] - kpos.to(slopes.dtype)[..., None, :]  # (B, ..., Q, K)
     bias = -slopes.view(-1, *[1] * (allowed.dim() - 1)) * dist[:, None]        # (B, nh, ..., Q, K)
-    return bias.masked_fill(~allowed[:, None], float('-inf'))                  # (B, nh, ..., Q, K)
+    return bias.masked_fill_(~allowed[:, None], float('-inf'))                 # (B, nh, ..., Q, K)
 
 # -----------------------------------------------------------------------------
 # block-sparse attention: the masks are block-structured, so compute only what a rule can reach
@@ -147,24 +147,22 @@ def sparse_plan(item, role, n, kind, n_head, slopes=None, tile=32):
 
 
 def sparse_attention(q, k, v, plan, dropout_p=0.0):
-    """SDPA over a sparse_plan, one call per group: (B, nh, T, hs) like the dense call. Rows are
-    put back in place with one index_put; PAD rows keep their value (they attend only themselves)."""
+    """SDPA over a sparse_plan, one call per group: (B, nh, T, hs) like the dense call. Each
+    group's rows are scattered back into place (filler slots into a spare row T, then dropped);
+    PAD rows keep their value (they attend only themselves). index_select and gather, not advanced
+    indexing, because their backwards (index_add, scatter_add) are several times faster on CPU."""
     B, nh, T, hs = q.shape
-    rows = torch.arange(B, device=q.device)[:, None]
-    b_idx, t_idx, ys = [], [], []
+    y = F.pad(v, (0, 0, 0, 1))                                                 # (B, nh, T+1, hs)
     for qp, ok, lo, hi, kp, mask in plan:
         n_tiles, K = kp.shape
         qt = q.gather(2, qp[:, None, :, None].expand(B, nh, -1, hs))            # (B, nh, tiles*tile, hs)
         qt = qt.view(B, nh * n_tiles, -1, hs)                                  # (B, nh*tiles, tile, hs)
-        kt = k[:, :, kp].view(B, nh * n_tiles, K, hs)                          # (B, nh*tiles, K, hs)
-        vt = v[:, :, kp].view(B, nh * n_tiles, K, hs)                          # (B, nh*tiles, K, hs)
+        kt = k.index_select(2, kp.flatten()).view(B, nh * n_tiles, K, hs)      # (B, nh*tiles, K, hs)
+        vt = v.index_select(2, kp.flatten()).view(B, nh * n_tiles, K, hs)      # (B, nh*tiles, K, hs)
         yt = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
-        yt = yt.view(B, nh, -1, hs).transpose(1, 2)                            # (B, tiles*tile, nh, hs)
-        b_idx.append(rows.expand_as(qp)[ok])
-        t_idx.append(qp[ok])
-        ys.append(yt[ok])                                                      # (N, nh, hs)
-    y = v.transpose(1, 2).index_put((torch.cat(b_idx), torch.cat(t_idx)), torch.cat(ys))  # (B, T, nh, hs)
-    return y.transpose(1, 2)                                                   # (B, nh, T, hs)
+        slots = torch.where(ok, qp, T)[:, None, :, None].expand(B, nh, -1, hs)  # (B, nh, tiles*tile, hs)
+        y = y.scatter(2, slots, yt.view(B, nh, -1, hs))                        # (B, nh, T+1, hs)
+    return y[:, :, :T]                                                         # (B, nh, T, hs)
 
 # -----------------------------------------------------------------------------
 # the decoder
@@ -253,7 +251,11 @@ class GPT(nn.Module):
         """(B, T) token ids, block indices and roles -> (B, T) CTR logits, meaningful at [SUM]."""
         B, T = idx.size()
         cfg = self.config
-        x = self.transformer.wte(idx)                                          # (B, T, C)
+        # one lookup for the tokens and the read-out rows <|yes|>, <|no|>: two lookups would build
+        # the embedding's dense (vocab, C) gradient twice and add them, a fixed cost every step
+        ids = torch.cat([idx.flatten(), idx.new_tensor([cfg.yes_id, cfg.no_id])])  # (B*T + 2,)
+        emb = self.transformer.wte(ids)                                        # (B*T + 2, C)
+        x, (yes, no) = emb[:-2].view(B, T, -1), emb[-2:]                       # (B, T, C), 2 x (C,)
         if cfg.pos == 'learned':
             if T > cfg.block_size:
                 raise ValueError(f'prompt of {T} tokens is longer than block_size={cfg.block_size}')
@@ -270,7 +272,6 @@ class GPT(nn.Module):
             x = block(x, plan)                                                 # (B, T, C)
         x = self.transformer.ln_f(x)                                           # (B, T, C)
         # the LM head restricted to two rows: logit(yes) - logit(no), never the whole vocabulary
-        yes, no = self.transformer.wte(torch.tensor([cfg.yes_id, cfg.no_id], device=x.device))  # (2, C)
         return x @ (yes - no)                                                  # (B, T)
 
 
