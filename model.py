@@ -12,9 +12,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # token roles; the same line as in data.py (model.py never imports data.py)
 TEXT, SUM, LABEL, PAD = 0, 1, 2, 3
+# every SDPA backend but cuDNN's, which on CUDA builds an execution plan for each new shape (~25 ms
+# a call on an H200): the tiles change shape every batch. CPU takes FLASH, CUDA EFFICIENT (masks).
+SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -161,7 +165,7 @@ def sparse_attention(q, k, v, plan, dropout_p=0.0):
         vt = v.index_select(2, kp.flatten()).view(B, nh * n_tiles, K, hs)      # (B, nh*tiles, K, hs)
         yt = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
         slots = torch.where(ok, qp, T)[:, None, :, None].expand(B, nh, -1, hs)  # (B, nh, tiles*tile, hs)
-        y = y.scatter(2, slots, yt.view(B, nh, -1, hs))                        # (B, nh, T+1, hs)
+        y = y.scatter(2, slots, yt.reshape(B, nh, -1, hs))                     # (B, nh, T+1, hs)
     return y[:, :, :T]                                                         # (B, nh, T, hs)
 
 # -----------------------------------------------------------------------------
@@ -268,8 +272,9 @@ class GPT(nn.Module):
         else:
             pos = torch.arange(T, device=idx.device).expand(B, T)              # (B, T)
             plan = sdpa_mask(attention_mask(item, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
-        for block in self.transformer.h:
-            x = block(x, plan)                                                 # (B, T, C)
+        with sdpa_kernel(SDPA_BACKENDS):
+            for block in self.transformer.h:
+                x = block(x, plan)                                             # (B, T, C)
         x = self.transformer.ln_f(x)                                           # (B, T, C)
         # the LM head restricted to two rows: logit(yes) - logit(no), never the whole vocabulary
         return x @ (yes - no)                                                  # (B, T)
