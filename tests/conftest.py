@@ -9,6 +9,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
+# the devices a test of the model runs on: the CPU everywhere, CUDA where there is one (not in CI)
+DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason='needs a CUDA device'))]
+
 
 def random_history(rng, m, max_text=6):
     """m blocks of 1..max_text random text ids (plain GPT-2 ids) with random labels."""
@@ -30,8 +34,9 @@ def small_model(n, mask='isolated', pos='alibi', n_layer=2, seed=0, std=0.5):
 
 
 def target_logits(model, prompts):
-    """Logits of all targets of `prompts`, in order, from one padded batch."""
-    b = data.collate(prompts)
+    """Logits of all targets of `prompts`, in order, from one padded batch on the model's device."""
+    device = next(model.parameters()).device
+    b = {key: v.to(device) for key, v in data.collate(prompts).items()}
     with torch.no_grad():
         logits = model(b['idx'], b['item'], b['role'])
     return logits[b['label'] >= 0]

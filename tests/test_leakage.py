@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
-from conftest import random_history, small_model, target_logits
+from conftest import DEVICES, random_history, small_model, target_logits
 from data import PAD, SUM
 from model import ctr_loss
 
@@ -112,9 +112,10 @@ def sw_and_dti_logits(model, history, n, k):
 @settings(max_examples=12, deadline=None)
 @given(n=st.integers(1, 5), k=st.integers(1, 12), m_extra=st.integers(1, 25), max_text=st.integers(1, 8),
        seed=st.integers(0, 2**16), n_layer=st.integers(1, 3))
-def test_dti_equals_sw_under_isolated_alibi(n, k, m_extra, max_text, seed, n_layer):
+@pytest.mark.parametrize('device', DEVICES)
+def test_dti_equals_sw_under_isolated_alibi(device, n, k, m_extra, max_text, seed, n_layer):
     rng = np.random.default_rng(seed)
-    model = small_model(n=n, mask='isolated', pos='alibi', n_layer=n_layer, seed=seed)
+    model = small_model(n=n, mask='isolated', pos='alibi', n_layer=n_layer, seed=seed).to(device)
     sw, dti = sw_and_dti_logits(model, random_history(rng, n + m_extra, max_text), n, k)
     torch.testing.assert_close(dti, sw, atol=1e-5, rtol=0)
 

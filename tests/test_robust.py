@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dti_minimal
-from conftest import one_line_error
+from conftest import DEVICES, one_line_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ['--users', '40', '--n', '5', '--k', '10', '--n-layer', '2', '--n-embd', '32', '--epochs', '1',
@@ -164,19 +164,20 @@ def test_corrupt_or_foreign_checkpoint(content, message, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('attn', ['sparse', 'dense'])
-def test_bf16_autocast_runs_both_attention_paths(attn):
-    """What --device cuda does to the forward pass, with the CPU's bf16 autocast standing in (no
-    GPU here): both paths run, logits stay within bf16 round-off of fp32, gradients are finite."""
+def test_bf16_autocast_runs_both_attention_paths(attn, device):
+    """What --device cuda does to the forward pass (on a CPU, its bf16 autocast stands in): both
+    paths run, logits stay within bf16 round-off of fp32, gradients are finite."""
     import data
     from model import ctr_loss
-    args = dti_minimal.parse_args(TINY + ['--attn', attn, '--device', 'cpu'])
+    args = dti_minimal.parse_args(TINY + ['--attn', attn, '--device', device])
     ds = data.synthetic(n_users=10, n=args.n)
-    b = data.collate(dti_minimal.make_prompts(ds, 0, 'dti', args.n, 10)[0][:4])
+    b = {key: v.to(device) for key, v in data.collate(dti_minimal.make_prompts(ds, 0, 'dti', args.n, 10)[0][:4]).items()}
     torch.manual_seed(0)
     model = dti_minimal.build_model(args)
     full = model(b['idx'], b['item'], b['role'])
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast(device, dtype=torch.bfloat16):
         half = model(b['idx'], b['item'], b['role'])
         loss = ctr_loss(half, b['label'])
     loss.backward()

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import model
-from conftest import small_model
+from conftest import DEVICES, small_model
 
 
 def history(rng, m, max_text):
@@ -16,15 +16,15 @@ def history(rng, m, max_text):
             for _ in range(m)]
 
 
-def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, seed, dtype, std):
+def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, seed, dtype, std, device='cpu'):
     """Logits and every parameter's gradient from the sparse path and from the dense reference,
-    same weights, same padded batch of SW prompts or DTI streams."""
+    same weights, same padded batch of SW prompts or DTI streams, on `device`."""
     rng = np.random.default_rng(seed)
     histories = [history(rng, n + m, max_text), history(rng, n + max(1, m // 3), max_text)]
     prompts = [p for h in histories for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
     prompts = [prompts[i] for i in rng.permutation(len(prompts))[:6]]
-    b = data.collate(prompts)
-    sparse = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed, std=std).to(dtype).train()
+    b = {key: v.to(device) for key, v in data.collate(prompts).items()}
+    sparse = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed, std=std).to(device, dtype).train()
     sparse.config.tile = tile
     dense = copy.deepcopy(sparse)
     dense.config.attn = 'dense'
@@ -32,7 +32,7 @@ def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, see
     outs = []
     for net in (sparse, dense):
         logits = net(b['idx'], b['item'], b['role'])
-        (logits * torch.linspace(-1, 1, logits.numel(), dtype=dtype).view_as(logits)).sum().backward()
+        (logits * torch.linspace(-1, 1, logits.numel(), dtype=dtype, device=device).view_as(logits)).sum().backward()
         outs.append((logits.detach(), {name: p.grad for name, p in net.named_parameters()}))
     return outs
 
@@ -53,8 +53,9 @@ def test_sparse_equals_dense_outputs_and_gradients_exactly(n, k, m, max_text, ma
         assert (sparse_grads[name] - grad).abs().max().item() <= 1e-10 * scale, name
 
 
+@pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('seed', range(8))
-def test_sparse_equals_dense_within_1e5_in_fp32(seed):
+def test_sparse_equals_dense_within_1e5_in_fp32(seed, device):
     """The fp32 bar, on fixed layouts (hypothesis above explores them in float64): logits within
     1e-5, each gradient within 1e-5 of its own norm. Weights of std 0.1 keep attention far from
     uniform; float32 round-off through three layers of std-0.5 weights alone can exceed 1e-5."""
@@ -63,7 +64,8 @@ def test_sparse_equals_dense_within_1e5_in_fp32(seed):
                   max_text=int(rng.integers(1, 41)), mask=['isolated', 'window'][seed % 2],
                   pos=['alibi', 'learned'][seed // 2 % 2], n_layer=3, tile=[1, 7, 64][seed % 3],
                   mode=['sw', 'dti'][seed // 4 % 2], seed=seed)
-    (sparse, sparse_grads), (dense, dense_grads) = sparse_and_dense_runs(**layout, dtype=torch.float32, std=0.1)
+    (sparse, sparse_grads), (dense, dense_grads) = sparse_and_dense_runs(**layout, dtype=torch.float32, std=0.1,
+                                                                         device=device)
     torch.testing.assert_close(sparse, dense, atol=1e-5, rtol=0)
     for name, grad in dense_grads.items():
         assert (sparse_grads[name] - grad).norm().item() <= 1e-5 * max(1.0, grad.norm().item()), name
