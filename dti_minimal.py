@@ -330,17 +330,18 @@ def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
         step_loss = loss.detach().float() / WORLD
         if WORLD > 1:
             dist.all_reduce(step_loss)  # the batch's mean loss, the same number on every rank
-        if not math.isfinite(step_loss.item()):
-            kept = f'the last good checkpoint is {os.path.join(ckpt_dir, "ckpt.pt")}' if ckpt_dir and os.path.exists(
-                os.path.join(ckpt_dir, 'ckpt.pt')) else 'no checkpoint was written'
-            die(f'the loss is {step_loss.item()} at step {step + 1} (epoch {epoch + 1}); stopped, {kept}', code=1)
+        batch_loss = step_loss.item()  # one host sync per step
+        if not math.isfinite(batch_loss):
+            last = os.path.join(ckpt_dir or '', 'ckpt.pt')
+            kept = f'the last good checkpoint is {last}' if ckpt_dir and os.path.exists(last) else 'no checkpoint was written'
+            die(f'the loss is {batch_loss} at step {step + 1} (epoch {epoch + 1}); stopped, {kept}', code=1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step_seconds = time.perf_counter() - t0
         seen, seconds = seen + n_targets, seconds + step_seconds
-        records.append((step_seconds, n_targets, step_loss.item(), float((b['role'] == data.PAD).float().mean())))
-        bar.set_postfix(epoch=epoch + 1, loss=f'{step_loss.item():.4f}', targets_per_s=f'{seen / seconds:.0f}',
+        records.append((step_seconds, n_targets, batch_loss, float((b['role'] == data.PAD).float().mean())))
+        bar.set_postfix(epoch=epoch + 1, loss=f'{batch_loss:.4f}', targets_per_s=f'{seen / seconds:.0f}',
                         refresh=False)
         bar.update(n_targets)
         if ckpt_dir and (step + 1 == len(plan) or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
