@@ -5,10 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+sys.path.insert(0, ROOT)
 import data  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 
+# a tiny synthetic run of the CLI: seconds, not minutes
+TINY = ['--users', '40', '--n', '5', '--k', '10', '--n-layer', '2', '--n-embd', '32', '--epochs', '1',
+        '--batch-size', '64']
 # the devices a test of the model runs on: the CPU everywhere, CUDA where there is one (not in CI)
 DEVICES = ['cpu', pytest.param('cuda', marks=pytest.mark.skipif(not torch.cuda.is_available(),
                                                                 reason='needs a CUDA device'))]

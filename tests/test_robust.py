@@ -12,11 +12,8 @@ import pytest
 import torch
 
 import dti_minimal
-from conftest import DEVICES, one_line_error
+from conftest import DEVICES, ROOT, TINY, one_line_error
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--users', '40', '--n', '5', '--k', '10', '--n-layer', '2', '--n-embd', '32', '--epochs', '1',
-        '--batch-size', '64']
 METRICS = ['valid_auc', 'valid_logloss', 'test_auc', 'test_logloss', 'test_f1', 'test_acc', 'first_loss', 'last_loss']
 
 

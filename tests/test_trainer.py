@@ -1,6 +1,5 @@
 """The trainer end to end on tiny synthetic data: it learns, writes results.json, rejects bad input."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -8,11 +7,9 @@ import torch
 
 import data
 import dti_minimal
+from conftest import TINY
 from model import ctr_loss
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = ['--users', '40', '--n', '5', '--k', '10', '--n-layer', '2', '--n-embd', '32', '--epochs', '1',
-        '--batch-size', '64']
 KEYS = ['mode', 'dataset', 'n', 'k', 'mask', 'pos', 'n_layer', 'n_head', 'n_embd', 'seed', 'targets_trained',
         'train_seconds', 'time_per_target_ms', 'valid_auc', 'test_auc', 'test_logloss', 'test_f1', 'test_acc',
         'bayes_auc', 'args']
