@@ -1,7 +1,7 @@
 """
 Data for dti-minimal: tokenizer, item text, synthetic CTR data, SW prompts and DTI streams.
 
-Every interaction is one *block* of tokens (DESIGN.md section 3):
+Every interaction is one *block* of tokens:
 
     [ item text tokens ...... ] [SUM] [LABEL]
       "Amber Falcon | Thriller"          <|yes|> or <|no|>
@@ -9,7 +9,7 @@ Every interaction is one *block* of tokens (DESIGN.md section 3):
 A user's history is a time-ordered list of blocks `(text_ids, label)`. A prompt (SW) or a stream
 (DTI) is a run of consecutive blocks flattened into four aligned int arrays:
     idx   token ids
-    item  index of the token's block inside the prompt (-1 for padding)
+    block index of the token's block inside the prompt, 0 .. blocks-1 (-1 for padding)
     role  TEXT, SUM, LABEL or PAD
     label 0/1 at the [SUM] of a target block, -1 everywhere else
 """
@@ -60,15 +60,15 @@ def encode_text(text):
 
 def _flatten(blocks, first_target):
     """Blocks -> one prompt; blocks from index first_target on are targets (loss at their [SUM])."""
-    idx, item, role, label = [], [], [], []
+    idx, block, role, label = [], [], [], []
     for b, (text_ids, y) in enumerate(blocks):
         L = len(text_ids)
         idx += list(text_ids) + [SUM_ID, YES_ID if y else NO_ID]
-        item += [b] * (L + 2)
+        block += [b] * (L + 2)
         role += [TEXT] * L + [SUM, LABEL]
         label += [-1] * L + [int(y) if b >= first_target else -1, -1]
     return {k: np.array(v, dtype=np.int64) for k, v in
-            dict(idx=idx, item=item, role=role, label=label).items()}
+            dict(idx=idx, block=block, role=role, label=label).items()}
 
 
 def sw_prompts(blocks, n):
@@ -85,7 +85,7 @@ def dti_streams(blocks, n, k):
 def collate(prompts):
     """List of prompts -> dict of (B, T) long tensors, right-padded with [PAD] / role PAD."""
     T = max(len(p['idx']) for p in prompts)
-    fill = dict(idx=PAD_ID, item=-1, role=PAD, label=-1)
+    fill = dict(idx=PAD_ID, block=-1, role=PAD, label=-1)
     out = {key: np.full((len(prompts), T), v, dtype=np.int64) for key, v in fill.items()}
     for b, p in enumerate(prompts):
         for key in fill:

@@ -7,6 +7,9 @@ Isolation streams (DTI), evaluate it, and write DIR/results.json.
     python dti_minimal.py --mode compare        # both, same init and targets: DIR/compare.json
     python dti_minimal.py --mode compare --k 1,5,10,20,50,100 --max-train-targets 3000  # k sweep
     python dti_minimal.py --mode bench --mask window   # block-sparse vs dense attention: DIR/bench.json
+
+The file reads top to bottom: flags, data, training, evaluation, experiments (one run, compare,
+bench), plumbing (checkpoints, distributed runs, output).
 """
 import argparse
 import json
@@ -15,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections import namedtuple
 
 import numpy as np
 import torch
@@ -24,14 +28,13 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 import data
-from model import GPT, GPTConfig, attention_mask, ctr_loss
+from model import GPT, GPTConfig, ctr_loss, training_flops
 
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m']
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them, see main)
-CKPT_FORMAT = 'dti-minimal checkpoint v1'
-SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
-RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
-            'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
+
+# -----------------------------------------------------------------------------
+# flags
 
 
 def die(msg, code=2):
@@ -65,43 +68,58 @@ def history_range(text):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = die  # one line, exit 2, also for argparse's own complaints
-    p.add_argument('--mode', choices=['sw', 'dti', 'compare', 'bench'], default='dti',
-                   help='training paradigm; compare: SW and DTI back to back; bench: sparse vs dense attention')
-    p.add_argument('--dataset', choices=DATASETS, default='synthetic',
-                   help="data set; the synthetic -future / -far variants are leakage canaries")
-    p.add_argument('--data-dir', default=None,
-                   help='MovieLens: a GroupLens folder or zip, or RecBole atomic files (default: $DTI_DATA, '
-                        '~/.cache/dti-minimal, else download there)')
-    p.add_argument('--users', type=int, default=600, help='number of synthetic users')
-    p.add_argument('--history', type=history_range, default=(60, 120), metavar='MIN,MAX',
-                   help='interactions per synthetic user, drawn uniformly from MIN..MAX')
-    p.add_argument('--n', type=int, default=20, help='context blocks each target sees')
-    p.add_argument('--k', type=k_list, default=[50], help='targets per DTI stream; a list such as 1,5,50 sweeps k (compare)')
-    p.add_argument('--mask', choices=['isolated', 'window'], default='isolated')
-    p.add_argument('--pos', choices=['alibi', 'learned'], default='alibi')
-    p.add_argument('--n-layer', type=int, default=2)
-    p.add_argument('--n-head', type=int, default=4)
-    p.add_argument('--n-embd', type=int, default=64)
-    p.add_argument('--block-size', type=int, default=2048, help='longest prompt (learned positions)')
-    p.add_argument('--dropout', type=float, default=0.0)
-    p.add_argument('--attn', choices=['sparse', 'dense'], default='sparse',
-                   help='block-sparse tiles (fast) or one dense SDPA call (the reference)')
-    p.add_argument('--epochs', type=int, default=4)
-    p.add_argument('--max-train-targets', type=int, default=None, help='train on the first N targets only')
-    p.add_argument('--batch-size', type=int, default=256, help='targets per optimizer step, both modes')
-    p.add_argument('--lr', type=float, default=3e-3)
-    p.add_argument('--weight-decay', type=float, default=0.01)
-    p.add_argument('--seed', type=int, default=0, help='model init and shuffling (the data is fixed)')
-    p.add_argument('--device', default='auto', help='auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps')
-    p.add_argument('--compile', action='store_true', help='torch.compile the model for training')
-    p.add_argument('--ckpt-every', type=int, default=200, help='write DIR/ckpt.pt every N steps (0: at the end only)')
-    p.add_argument('--resume', action='store_true', help='continue the run whose checkpoint is DIR/ckpt.pt')
-    p.add_argument('--out', default='out', help='output folder for results.json')
-    p.add_argument('--eval-mode', choices=['sw', 'dti'], default='sw',
-                   help='score valid/test targets with SW prompts (default) or DTI streams')
-    args = p.parse_args(argv)
+    add = p.add_argument
+    # what to run
+    add('--mode', choices=['sw', 'dti', 'compare', 'bench'], default='dti',
+        help='training paradigm; compare: SW and DTI back to back; bench: sparse vs dense attention')
+    add('--out', default='out', help='output folder for results.json (compare.json, bench.json) and ckpt.pt')
+    # data
+    add('--dataset', choices=DATASETS, default='synthetic',
+        help='data set; the synthetic -future / -far variants are leakage canaries')
+    add('--data-dir', default=None, help='MovieLens: a GroupLens folder or zip, or RecBole atomic files '
+                                         '(default: $DTI_DATA, ~/.cache/dti-minimal, else download there)')
+    add('--users', type=int, default=600, help='number of synthetic users')
+    add('--history', type=history_range, default=(60, 120), metavar='MIN,MAX',
+        help='interactions per synthetic user, drawn uniformly from MIN..MAX')
+    add('--n', type=int, default=20, help='context blocks each target sees')
+    add('--k', type=k_list, default=[50],
+        help='targets per DTI stream; with --mode compare a list such as 1,5,50 sweeps k')
+    add('--max-train-targets', type=int, default=None, help='train on the first N targets only')
+    # model
+    add('--mask', choices=['isolated', 'window'], default='isolated',
+        help="attention mask: 'isolated' (exact target isolation) or 'window' (windowed causal, leaks with depth)")
+    add('--pos', choices=['alibi', 'learned'], default='alibi',
+        help='positions: ALiBi relative bias, or learned absolute embeddings (nanoGPT wpe)')
+    add('--n-layer', type=int, default=2, help='transformer layers')
+    add('--n-head', type=int, default=4, help='attention heads')
+    add('--n-embd', type=int, default=64, help='embedding width C')
+    add('--block-size', type=int, default=2048, help='longest prompt in tokens (bounds learned positions only)')
+    add('--dropout', type=float, default=0.0, help='dropout rate')
+    add('--attn', choices=['sparse', 'dense'], default='sparse',
+        help='attention path: block-sparse tiles (fast) or one dense SDPA call (the reference)')
+    # training
+    add('--epochs', type=int, default=4, help='passes over the training targets')
+    add('--batch-size', type=int, default=256, help='targets per optimizer step, both modes')
+    add('--lr', type=float, default=3e-3, help='peak learning rate (AdamW; warm-up, then cosine decay)')
+    add('--weight-decay', type=float, default=0.01, help='AdamW weight decay of matrices and embeddings')
+    add('--seed', type=int, default=0, help='model init and shuffling (the data is fixed)')
+    add('--device', default='auto', help='auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps')
+    add('--compile', action='store_true', help='torch.compile the model for training')
+    add('--ckpt-every', type=int, default=200, help='write DIR/ckpt.pt every N steps (0: at the end only)')
+    add('--resume', action='store_true', help='continue the run whose checkpoint is DIR/ckpt.pt')
+    # evaluation
+    add('--eval-mode', choices=['sw', 'dti'], default='sw',
+        help='score valid/test targets with SW prompts (default) or DTI streams')
+    return check_args(p.parse_args(argv))
+
+
+def check_args(args):
+    """Everything about the flags that can be checked before any work: one line and exit 2, else
+    the arguments with --k made a single number outside a sweep and --device resolved."""
     if len(args.k) > 1 and args.mode != 'compare':
         die('a list of k values is a sweep: use it with --mode compare')
+    if args.mode != 'compare':
+        args.k = args.k[0]  # a list only for a sweep
     if args.max_train_targets is not None and args.max_train_targets < 1:
         die(f'--max-train-targets must be at least 1, got {args.max_train_targets}')
     for name in ('users', 'n', 'n_layer', 'n_head', 'n_embd', 'block_size', 'epochs', 'batch_size'):
@@ -138,6 +156,9 @@ def parse_args(argv=None):
         die(f'--device {args.device}: no MPS device here')
     return args
 
+# -----------------------------------------------------------------------------
+# data
+
 
 def load_dataset(args):
     """The data set, its statistics printed; bad or missing MovieLens files are a one-line error."""
@@ -151,41 +172,6 @@ def load_dataset(args):
                             canary=args.dataset.partition('-')[2] or None)
     print(data.describe(ds, args.n))
     return ds
-
-
-def baseline(ds, n):
-    """A non-neural reference: logistic regression on two rates a reader can count by hand, the
-    target item's positive rate in train (leave-one-out on train targets, smoothed towards the
-    overall rate) and the positive rate of the target's n-block window. Returns its test metrics."""
-    labels = [np.array([y for _, y in blocks]) for blocks in ds['users']]
-    train = np.concatenate(ds['split']) == 0
-    y_all, items = np.concatenate(labels), np.concatenate(ds['item'])
-    overall = y_all[train].mean()
-    pos = np.bincount(items[train], weights=y_all[train], minlength=items.max() + 1)   # (n_items,)
-    count = np.bincount(items[train], minlength=items.max() + 1)                       # (n_items,)
-    X, y, split = [], [], []
-    for lab, it, sp in zip(labels, ds['item'], ds['split']):
-        t = np.arange(n, len(lab))
-        if len(t) == 0:
-            continue
-        own = np.asarray(sp)[t] == 0                     # a train target leaves its own label out
-        item_rate = (pos[it[t]] - own * lab[t] + 10 * overall) / (count[it[t]] - own + 10)
-        liked = np.cumsum(np.r_[0, lab])                 # liked[t]: likes among interactions 0 .. t-1
-        window_rate = (liked[t] - liked[t - n]) / n
-        X.append(np.stack([item_rate, window_rate], 1))
-        y.append(lab[t])
-        split.append(np.asarray(sp)[t])
-    X, y, split = np.concatenate(X), np.concatenate(y), np.concatenate(split)
-    model = LogisticRegression().fit(X[split == 0], y[split == 0])
-    return metrics(model.decision_function(X[split == 2]), y[split == 2])
-
-
-def build_model(args):
-    config = GPTConfig(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID,
-                       n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, n=args.n,
-                       mask=args.mask, pos=args.pos, block_size=args.block_size, dropout=args.dropout,
-                       attn=args.attn)
-    return GPT(config).to(args.device)
 
 
 def make_prompts(ds, split, mode, n, k, max_targets=None):
@@ -214,7 +200,7 @@ def batches(prompts, batch_targets, rng):
     out = []
     for s in range(0, len(order), pool):
         batch, count = [], 0
-        for i in sorted(order[s:s + pool], key=lambda i: prompts[i]['item'][-1]):
+        for i in sorted(order[s:s + pool], key=lambda i: prompts[i]['block'][-1]):
             batch.append(prompts[i])
             count += n_targets[i]
             if count >= batch_targets:
@@ -223,6 +209,21 @@ def batches(prompts, batch_targets, rng):
         if batch:
             out.append(batch)
     return [out[i] for i in rng.permutation(len(out))]
+
+# -----------------------------------------------------------------------------
+# training
+
+Step = namedtuple('Step', 'seconds targets loss padding')  # one optimizer step's record
+
+
+def model_config(args):
+    return GPTConfig(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID, n_layer=args.n_layer,
+                     n_head=args.n_head, n_embd=args.n_embd, n=args.n, mask=args.mask, pos=args.pos,
+                     block_size=args.block_size, dropout=args.dropout, attn=args.attn)
+
+
+def build_model(args):
+    return GPT(model_config(args)).to(args.device)
 
 
 def learning_rate(step, total_steps, lr):
@@ -240,67 +241,15 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-def rng_states():
-    np_state = np.random.get_state(legacy=False)
-    np_state['state']['key'] = torch.from_numpy(np_state['state']['key'].astype(np.int64))  # tensors load safely
-    return dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def set_rng_states(states):
-    random.setstate(states['python'])
-    np_state = states['numpy']
-    np.random.set_state({**np_state, 'state': {**np_state['state'], 'key': np_state['state']['key'].numpy().astype(np.uint32)}})
-    torch.set_rng_state(states['torch'])
-    if states['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states['cuda'])
-
-
-def save_checkpoint(folder, model, opt, step, where, seen, seconds, records, args):
-    """DIR/ckpt.pt, atomically: a temporary file, then os.replace. Rank 0 only."""
-    if RANK:
-        return
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'ckpt.pt')
-    torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                    epoch=where[0], batch_in_epoch=where[1], seen=seen, seconds=seconds, records=records,
-                    rng=rng_states(), args=vars(args)), path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def load_checkpoint(args):
-    """DIR/ckpt.pt for --resume, checked against this run's arguments; any problem is one line."""
-    path = os.path.join(args.out, 'ckpt.pt')
-    if not os.path.isfile(path):
-        die(f'--resume: no checkpoint at {path}')
-    try:
-        ckpt = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain types only
-    except Exception as e:
-        die(f'{path}: not a readable checkpoint ({type(e).__name__})')
-    if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
-        die(f'{path}: not a dti-minimal checkpoint')
-    for key in SHAPE_ARGS + RUN_ARGS:
-        old, new = ckpt['args'].get(key), getattr(args, key)
-        if old != new:
-            flag = '--' + key.replace('_', '-')
-            die(f'--resume: {flag} {new} changes the model shape (the checkpoint has {old})' if key in SHAPE_ARGS else
-                f'--resume: {flag} {new} differs from the checkpoint ({old}); a resumed run must be the same run')
-    return ckpt
-
-
 def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
-    """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, per-step records
-    (seconds, targets, loss, padded share of the batch's tokens)); the clock covers collation,
-    forward, backward and the update.
+    """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, one Step per
+    optimizer step); the clock covers collation, forward, backward and the update.
     The batches of every epoch are drawn up front from args.seed, so a run is a fixed list of steps:
     with ckpt_dir, DIR/ckpt.pt is written every args.ckpt_every steps and at the end, and `resume`
     (a loaded checkpoint) continues at its step. Under torchrun every rank takes its share of each
     batch's prompts and DistributedDataParallel sums the gradients."""
     rng = np.random.default_rng(args.seed)
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([dict(params=decay, weight_decay=args.weight_decay),
-                             dict(params=no_decay, weight_decay=0.0)], lr=args.lr, fused=True)
+    opt = model.configure_optimizers(args.weight_decay, args.lr)
     per_epoch = data.targets_of(prompts)
     plan = [(e, i, batch) for e in range(args.epochs)
             for i, batch in enumerate(batches(prompts, args.batch_size, rng))]  # (epoch, step in epoch, batch)
@@ -308,7 +257,8 @@ def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
     if resume is not None:
         model.load_state_dict(resume['model'])
         opt.load_state_dict(resume['optimizer'])
-        start, seen, seconds, records = resume['step'], resume['seen'], resume['seconds'], list(resume['records'])
+        start, seen, seconds = resume['step'], resume['seen'], resume['seconds']
+        records = [Step(*r) for r in resume['records']]
         set_rng_states(resume['rng'])
     net = torch.compile(model) if getattr(args, 'compile', False) else model
     if WORLD > 1:
@@ -326,7 +276,7 @@ def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
         n_targets = sum(int((p['label'] >= 0).sum()) for p in batch)
         share = int((b['label'] >= 0).sum()) / n_targets if mine else 0.0  # a rank without prompts adds 0
         with autocast(args.device):
-            loss = ctr_loss(net(b['idx'], b['item'], b['role']), b['label']) * share * WORLD  # DDP averages
+            loss = ctr_loss(net(b['idx'], b['block'], b['role']), b['label']) * share * WORLD  # DDP averages
         step_loss = loss.detach().float() / WORLD
         if WORLD > 1:
             dist.all_reduce(step_loss)  # the batch's mean loss, the same number on every rank
@@ -340,7 +290,7 @@ def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
         opt.step()
         step_seconds = time.perf_counter() - t0
         seen, seconds = seen + n_targets, seconds + step_seconds
-        records.append((step_seconds, n_targets, batch_loss, float((b['role'] == data.PAD).float().mean())))
+        records.append(Step(step_seconds, n_targets, batch_loss, float((b['role'] == data.PAD).float().mean())))
         bar.set_postfix(epoch=epoch + 1, loss=f'{batch_loss:.4f}', targets_per_s=f'{seen / seconds:.0f}',
                         refresh=False)
         bar.update(n_targets)
@@ -353,24 +303,21 @@ def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
 def median_ms_per_target(records):
     """Median over steps of step time per target, warm-up (the first 5% of steps, at least 3) left out."""
     steady = records[max(3, len(records) // 20):] or records
-    return 1000 * float(np.median([r[0] / r[1] for r in steady]))
+    return 1000 * float(np.median([r.seconds / r.targets for r in steady]))
 
 
-def flops_per_target(prompts, args):
-    """Analytic training FLOPs per target (backward = 2x forward, so 3x a forward pass). A forward
-    layer costs 24*T*C^2 in its projections and MLP (qkv 6, output 2, MLP 16) and 4*C per allowed
-    query-key pair in attention (QK^T and AV); the read-out costs 2*T*C. T counts real tokens,
-    pairs are those the mask allows. Layer norms, softmax, embeddings and the optimizer are left out."""
-    C, L = args.n_embd, args.n_layer
+def flops_per_target(prompts, config):
+    """Analytic training FLOPs per target of `prompts` under a model config (model.training_flops:
+    projections, MLP, attention over the query-key pairs the mask allows, read-out; real tokens only)."""
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]['idx']))
     total = 0
     for s in range(0, len(order), 64):
         b = data.collate([prompts[i] for i in order[s:s + 64]])
-        real = b['role'] != data.PAD                                               # (B, T)
-        pairs = int((attention_mask(b['item'], b['role'], args.n, args.mask)[:, 0] & real[:, :, None]).sum())
-        T = int(real.sum())
-        total += 3 * (L * (24 * T * C * C + 4 * pairs * C) + 2 * T * C)
+        total += training_flops(config, b['block'], b['role'])
     return total / data.targets_of(prompts)
+
+# -----------------------------------------------------------------------------
+# evaluation
 
 
 @torch.no_grad()
@@ -391,7 +338,7 @@ def predict(model, prompts, device=None, max_tokens=32768):
             j += 1
         b = {key: v.to(device) for key, v in data.collate([prompts[o] for o in order[i:j]]).items()}
         with autocast(device):
-            logits = model(b['idx'], b['item'], b['role']).float().cpu()       # (B, T)
+            logits = model(b['idx'], b['block'], b['role']).float().cpu()      # (B, T)
         for o, row, lab in zip(order[i:j], logits, b['label'].cpu()):
             out[o] = row[lab >= 0].numpy()
         bar.update(j - i)
@@ -417,12 +364,37 @@ def target_labels(prompts):
     return np.concatenate([p['label'][p['label'] >= 0] for p in prompts])
 
 
-def writable_folder(path):
-    """True when `path` is, or could be created as, a folder we can write into."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
-        path = os.path.dirname(path)
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+BASELINE = "logistic regression on the item's and the window's positive rates"
+
+
+def baseline(ds, n):
+    """A non-neural reference: logistic regression on two rates a reader can count by hand, the
+    target item's positive rate in train (leave-one-out on train targets, smoothed towards the
+    overall rate) and the positive rate of the target's n-block window. Returns its test metrics."""
+    labels = [np.array([y for _, y in blocks]) for blocks in ds['users']]
+    train = np.concatenate(ds['split']) == 0
+    y_all, items = np.concatenate(labels), np.concatenate(ds['item'])
+    overall = y_all[train].mean()
+    pos = np.bincount(items[train], weights=y_all[train], minlength=items.max() + 1)   # (n_items,)
+    count = np.bincount(items[train], minlength=items.max() + 1)                       # (n_items,)
+    X, y, split = [], [], []
+    for lab, it, sp in zip(labels, ds['item'], ds['split']):
+        t = np.arange(n, len(lab))
+        if len(t) == 0:
+            continue
+        own = np.asarray(sp)[t] == 0                     # a train target leaves its own label out
+        item_rate = (pos[it[t]] - own * lab[t] + 10 * overall) / (count[it[t]] - own + 10)
+        liked = np.cumsum(np.r_[0, lab])                 # liked[t]: likes among interactions 0 .. t-1
+        window_rate = (liked[t] - liked[t - n]) / n
+        X.append(np.stack([item_rate, window_rate], 1))
+        y.append(lab[t])
+        split.append(np.asarray(sp)[t])
+    X, y, split = np.concatenate(X), np.concatenate(y), np.concatenate(split)
+    model = LogisticRegression().fit(X[split == 0], y[split == 0])
+    return metrics(model.decision_function(X[split == 2]), y[split == 2])
+
+# -----------------------------------------------------------------------------
+# experiments: one run (--mode sw, dti), SW against DTI (compare), attention paths (bench)
 
 
 def prepare(args, ds, mode, k, evals=None):
@@ -455,10 +427,10 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
                targets_trained=targets_trained, train_seconds=train_seconds,
                time_per_target_ms=1000 * train_seconds / targets_trained,
                median_time_per_target_ms=median_ms_per_target(records),
-               flops_per_target=flops_per_target(train_prompts, args),
-               padding=float(np.mean([r[3] for r in records])),
-               first_loss=float(np.mean([r[2] for r in records[:10]])),
-               last_loss=float(np.mean([r[2] for r in records[-10:]])))
+               flops_per_target=flops_per_target(train_prompts, model.config),
+               padding=float(np.mean([r.padding for r in records])),
+               first_loss=float(np.mean([r.loss for r in records[:10]])),
+               last_loss=float(np.mean([r.loss for r in records[-10:]])))
     for name, (prompts, prob) in evals.items():
         labels = target_labels(prompts)
         m = metrics(predict(model, prompts, args.device), labels)
@@ -469,16 +441,22 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
     return res, model
 
 
-def write_json(folder, name, obj):
-    """Atomically: a temporary file, then os.replace. Rank 0 only."""
-    if RANK:
-        return os.path.join(folder, name)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, name + '.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, os.path.join(folder, name))
-    return os.path.join(folder, name)
+def train_and_report(args, ds, ckpt):
+    """--mode sw or dti: train with checkpoints in DIR, evaluate, write results.json, print the table."""
+    res, _ = run(args, ds, args.mode, args.k, prepare(args, ds, args.mode, args.k), ckpt_dir=args.out, resume=ckpt)
+    res.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})
+    path = write_json(args.out, 'results.json', res)
+    bayes = lambda v: '-' if v is None else f'{v:.4f}'
+    print()
+    print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
+                [[name, *(f"{res[f'{key}_{m}']:.4f}" for m in ('auc', 'logloss', 'f1', 'acc')),
+                  bayes(res.get(f'{key}_bayes_auc'))]
+                 for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test'))])
+    print(f'test LR: the non-neural baseline, {BASELINE}')
+    print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
+          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per target "
+          f"(analytic); wrote {path}")
+    return res
 
 
 def compare(args, ds):
@@ -510,19 +488,19 @@ def compare(args, ds):
     path = write_json(args.out, 'compare.json', res)
     print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, {sw['targets_trained']} targets trained each, "
           f"medians of step time per target")
-    print(f"{'':>9} {'ms/target':>10} {'speed-up':>9} {'analytic':>9} {'n*k/(n+k)':>10} {'test AUC':>9} {'padding':>8}")
-    print(f"{'SW':>9} {sw['median_time_per_target_ms']:10.3f} {'1.0x':>9} {'1.0x':>9} {'':>10} {sw['test_auc']:9.4f} "
-          f"{sw['padding']:8.1%}")
-    for r in sweep:
-        print(f"{'DTI k=' + str(r['k']):>9} {r['dti_time_per_target_ms']:10.3f} {r['speedup']:8.1f}x "
-              f"{r['analytic_speedup']:8.1f}x {r['ideal_ratio']:9.1f}x {r['dti_test_auc']:9.4f} {r['dti_padding']:8.1%}")
-    print(f"\n{'':>9} {'test AUC':>9} {'LogLoss':>8} {'F1':>7} {'train s':>8}")
-    print(f"{'SW':>9} {sw['test_auc']:9.4f} {sw['test_logloss']:8.4f} {sw['test_f1']:7.4f} {sw['train_seconds']:8.1f}")
-    for r in sweep:
-        print(f"{'DTI k=' + str(r['k']):>9} {r['dti_test_auc']:9.4f} {r['dti_test_logloss']:8.4f} {r['dti_test_f1']:7.4f} "
-              f"{r['dti_train_seconds']:8.1f}")
-    print(f"{'test LR':>9} {sw['baseline_test_auc']:9.4f} {sw['baseline_test_logloss']:8.4f} {sw['baseline_test_f1']:7.4f}"
-          f"{'':>9}  (logistic regression on the item's and the window's positive rates)")
+    print_table(['', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'test AUC', 'padding'],
+                [['SW', f"{sw['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '', f"{sw['test_auc']:.4f}",
+                  f"{sw['padding']:.1%}"]] +
+                [[f"DTI k={r['k']}", f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
+                  f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", f"{r['dti_test_auc']:.4f}",
+                  f"{r['dti_padding']:.1%}"] for r in sweep])
+    print()
+    print_table(['', 'test AUC', 'LogLoss', 'F1', 'train s'],
+                [['SW', *(f"{sw[f'test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')), f"{sw['train_seconds']:.1f}"]] +
+                [[f"DTI k={r['k']}", *(f"{r[f'dti_test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')),
+                  f"{r['dti_train_seconds']:.1f}"] for r in sweep] +
+                [['test LR', *(f"{sw[f'baseline_test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')), '']])
+    print(f'test LR: {BASELINE}')
     print(f'wrote {path}')
     return res
 
@@ -557,10 +535,10 @@ def bench(args):
     for _ in tqdm(range(6), desc='bench', leave=False, disable=None):
         for attn, model in models.items():
             t0 = time.perf_counter()
-            model(b['idx'], b['item'], b['role']).sum().backward()
+            model(b['idx'], b['block'], b['role']).sum().backward()
             times[attn].append(time.perf_counter() - t0)
     ms = {attn: 1000 * float(np.median(t[1:])) for attn, t in times.items()}  # the first is warm-up
-    peak = {attn: step_peak_mb(lambda: model(b['idx'], b['item'], b['role']).sum().backward())
+    peak = {attn: step_peak_mb(lambda: model(b['idx'], b['block'], b['role']).sum().backward())
             for attn, model in models.items()}
     res = dict(tokens=b['idx'].size(1), n=args.n, mask=args.mask, pos=args.pos, sparse_ms=ms['sparse'],
                dense_ms=ms['dense'], speedup=ms['dense'] / ms['sparse'], sparse_peak_mb=peak['sparse'],
@@ -571,6 +549,63 @@ def bench(args):
         print(f"{attn:>7} {ms[attn]:9.1f} ms   peak memory of a step {peak[attn] or float('nan'):7.0f} MB")
     print(f"sparse is {res['speedup']:.1f}x faster; wrote {path}")
     return res
+
+# -----------------------------------------------------------------------------
+# plumbing: checkpoints, distributed runs, output
+
+CKPT_FORMAT = 'dti-minimal checkpoint v1'
+SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
+RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
+            'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
+
+
+def rng_states():
+    np_state = np.random.get_state(legacy=False)
+    np_state['state']['key'] = torch.from_numpy(np_state['state']['key'].astype(np.int64))  # tensors load safely
+    return dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+
+
+def set_rng_states(states):
+    random.setstate(states['python'])
+    np_state = states['numpy']
+    np.random.set_state({**np_state, 'state': {**np_state['state'], 'key': np_state['state']['key'].numpy().astype(np.uint32)}})
+    torch.set_rng_state(states['torch'])
+    if states['cuda'] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states['cuda'])
+
+
+def save_checkpoint(folder, model, opt, step, where, seen, seconds, records, args):
+    """DIR/ckpt.pt, atomically: a temporary file, then os.replace. Rank 0 only. Step records are
+    stored as plain tuples, which torch.load(weights_only=True) reads back."""
+    if RANK:
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, 'ckpt.pt')
+    torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
+                    epoch=where[0], batch_in_epoch=where[1], seen=seen, seconds=seconds,
+                    records=[tuple(r) for r in records], rng=rng_states(), args=vars(args)), path + '.tmp')
+    os.replace(path + '.tmp', path)
+
+
+def load_checkpoint(args):
+    """DIR/ckpt.pt for --resume, checked against this run's arguments; any problem is one line."""
+    path = os.path.join(args.out, 'ckpt.pt')
+    if not os.path.isfile(path):
+        die(f'--resume: no checkpoint at {path}')
+    try:
+        ckpt = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain types only
+    except Exception as e:
+        die(f'{path}: not a readable checkpoint ({type(e).__name__})')
+    if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
+        die(f'{path}: not a dti-minimal checkpoint')
+    for key in SHAPE_ARGS + RUN_ARGS:
+        old, new = ckpt['args'].get(key), getattr(args, key)
+        if old != new:
+            flag = '--' + key.replace('_', '-')
+            die(f'--resume: {flag} {new} changes the model shape (the checkpoint has {old})' if key in SHAPE_ARGS else
+                f'--resume: {flag} {new} differs from the checkpoint ({old}); a resumed run must be the same run')
+    return ckpt
 
 
 def setup_distributed(args):
@@ -591,6 +626,35 @@ def setup_distributed(args):
         sys.stdout = open(os.devnull, 'w')
 
 
+def writable_folder(path):
+    """True when `path` is, or could be created as, a folder we can write into."""
+    path = os.path.abspath(path)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+def write_json(folder, name, obj):
+    """Atomically: a temporary file, then os.replace. Rank 0 only."""
+    if RANK:
+        return os.path.join(folder, name)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, name + '.tmp')
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, os.path.join(folder, name))
+    return os.path.join(folder, name)
+
+
+def print_table(header, rows):
+    """Rows of cells (strings) under a header, each column right-aligned to its widest cell."""
+    widths = [max(len(r[j]) for r in [header] + rows) for j in range(len(header))]
+    for r in [header] + rows:
+        print('  '.join(cell.rjust(w) for cell, w in zip(r, widths)))
+
+# -----------------------------------------------------------------------------
+
+
 def main(argv=None):
     args = parse_args(argv)
     if not writable_folder(args.out):
@@ -608,24 +672,6 @@ def main(argv=None):
     finally:
         if WORLD > 1:
             dist.destroy_process_group()
-
-
-def train_and_report(args, ds, ckpt):
-    """--mode sw or dti: train with checkpoints in DIR, evaluate, write results.json, print the table."""
-    k = args.k[0]
-    res, _ = run(args, ds, args.mode, k, prepare(args, ds, args.mode, k), ckpt_dir=args.out, resume=ckpt)
-    res.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})
-    path = write_json(args.out, 'results.json', res)
-    bayes = lambda v: f'{v:10.4f}' if v is not None else f"{'-':>10}"
-    print(f"\n{'':8} {'AUC':>7} {'LogLoss':>8} {'F1':>7} {'Acc':>7} {'Bayes AUC':>10}")
-    for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test')):
-        print(f"{name:8} {res[key + '_auc']:7.4f} {res[key + '_logloss']:8.4f} {res[key + '_f1']:7.4f} "
-              f"{res[key + '_acc']:7.4f} {bayes(res.get(key + '_bayes_auc'))}")
-    print('test LR: the non-neural baseline, logistic regression on the item\'s and the window\'s positive rates')
-    print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
-          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per target "
-          f"(analytic); wrote {path}")
-    return res
 
 
 if __name__ == '__main__':

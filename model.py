@@ -2,12 +2,15 @@
 A nanoGPT-shaped decoder for CTR prediction with Dynamic Target Isolation masks.
 
 The model never sees absolute time: a prompt (SW) or a stream (DTI) arrives as token ids plus two
-per-token arrays, `item` (block index inside the prompt) and `role`. `attention_mask` turns those
-into who-may-see-whom, and the CTR logit of a block is read at its [SUM] token through the tied
-embeddings of <|yes|> and <|no|> (DESIGN.md sections 4 and 5).
+per-token arrays, `block` (the index of the token's block, i.e. its interaction, inside the
+prompt) and `role` (TEXT, SUM, LABEL or PAD). `attention_mask` turns those two arrays into
+who-may-see-whom, and the CTR logit of a block is read at its [SUM] token through the tied
+embeddings of <|yes|> and <|no|>. README "How it works" walks through both.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -30,7 +33,7 @@ class GPTConfig:
     n_head: int = 4
     n_embd: int = 64
     n: int = 20               # context blocks each target may see
-    mask: str = 'isolated'    # 'isolated' (exact) | 'window' (the paper's)
+    mask: str = 'isolated'    # 'isolated' (exact isolation) | 'window' (DTI's windowed causal attention)
     pos: str = 'alibi'        # 'alibi' (relative) | 'learned' (absolute, nanoGPT's wpe)
     block_size: int = 2048    # longest prompt; only learned positions are bounded by it
     dropout: float = 0.0
@@ -41,14 +44,14 @@ class GPTConfig:
 # attention masks: boolean algebra over (query, key) index grids
 
 
-def allowed_pairs(qi, qr, qpos, ki, kr, kpos, n, kind):
+def allowed_pairs(qb, qr, qpos, kb, kr, kpos, n, kind):
     """The rules of both masks on any grid: queries (..., Q) against keys (..., K) -> (..., Q, K)
-    bool. qi/ki are block indices, qr/kr roles, qpos/kpos token positions inside the prompt."""
-    qi, qr, qpos = qi[..., :, None], qr[..., :, None], qpos[..., :, None]      # (..., Q, 1)
-    ki, kr, kpos = ki[..., None, :], kr[..., None, :], kpos[..., None, :]      # (..., 1, K)
+    bool. qb/kb are block indices, qr/kr roles, qpos/kpos token positions inside the prompt."""
+    qb, qr, qpos = qb[..., :, None], qr[..., :, None], qpos[..., :, None]      # (..., Q, 1)
+    kb, kr, kpos = kb[..., None, :], kr[..., None, :], kpos[..., None, :]      # (..., 1, K)
     self_ = qpos == kpos                                                       # (..., Q, K)
     readable = (kr != SUM) & (kr != PAD)                                       # (..., 1, K)
-    back = qi - ki                                                             # (..., Q, K) blocks between q and k
+    back = qb - kb                                                             # (..., Q, K) blocks between q and k
     if kind == 'window':
         allowed = (kpos <= qpos) & (back <= n) & readable
     elif kind == 'isolated':
@@ -60,15 +63,15 @@ def allowed_pairs(qi, qr, qpos, ki, kr, kpos, n, kind):
     return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))     # (..., Q, K)
 
 
-def attention_mask(item, role, n, kind):
-    """(B, T) item and role -> (B, 1, T, T) bool, True where query q may attend key k.
+def attention_mask(block, role, n, kind):
+    """(B, T) block and role -> (B, 1, T, T) bool, True where query q may attend key k.
 
     Both masks share three rules: nothing attends another block's [SUM] ([SUM] reads, it is never
     read), nothing but a PAD query itself attends PAD, and a PAD query sees itself only (so no
     row is fully masked). Below, n=1 and blocks of two text tokens t, then S=[SUM], L=label:
 
     window: causal, and at most n blocks back        isolated: text/label see their own block,
-            (the paper's windowed causal attention)           [SUM] gathers the window
+            (DTI's windowed causal attention)                 [SUM] gathers the window
                    keys                                             keys
               t t S L t t S L t t S L                          t t S L t t S L t t S L
         t0    x . . . . . . . . . . .                    t0    x . . . . . . . . . . .
@@ -88,8 +91,8 @@ def attention_mask(item, role, n, kind):
     `window` leaks: t1 saw block 0, so S2 reads block 0 through t1's hidden state. `isolated`
     cannot leak: a text or label state depends on its own block only.
     """
-    pos = torch.arange(item.size(1), device=item.device).expand_as(item)      # (B, T)
-    return allowed_pairs(item, role, pos, item, role, pos, n, kind)[:, None]  # (B, 1, T, T)
+    pos = torch.arange(block.size(1), device=block.device).expand_as(block)   # (B, T)
+    return allowed_pairs(block, role, pos, block, role, pos, n, kind)[:, None]  # (B, 1, T, T)
 
 
 def alibi_slopes(n_head):
@@ -110,22 +113,44 @@ def sdpa_mask(allowed, qpos, kpos, slopes=None):
 # block-sparse attention: the masks are block-structured, so compute only what a rule can reach
 
 
-def sparse_plan(item, role, n, kind, n_head, slopes=None, tile=32):
-    """The tiles of the block-sparse path, built once per forward and shared by every layer.
+class Tiles(NamedTuple):
+    """One group of query rows of the block-sparse path, cut into tiles of `tile` rows."""
+    rows: torch.Tensor  # (B, tiles*tile) long: the query position in each slot, tile after tile
+    real: torch.Tensor  # (B, tiles*tile) bool: False for filler slots after the group's last row
+    lo: torch.Tensor    # (tiles,) long: first key position a tile reads
+    hi: torch.Tensor    # (tiles,) long: one past its last key position
+    keys: torch.Tensor  # (tiles, K) long: lo, lo+1, .. hi-1, then filler keys (hidden by the mask) up to K
+    mask: torch.Tensor  # (B, nh*tiles, tile, K) SDPA mask: bool, or float with the ALiBi bias
 
-    Query rows are grouped (under `isolated`, [SUM] rows apart from the others: only they read
-    the window, text and label rows read their own block) and cut into tiles of `tile` rows in
-    order. Each tile gets the one key range [lo, hi) its rows can reach, from the first token of
-    the oldest block they may read up to the last of them; the keys of a group's tiles are
-    gathered side by side, so one SDPA call per group computes every tile (padded to one size). No
-    (T, T) mask is ever built. PAD rows attend only themselves: their output is their value.
-    Returns one (query positions (B, tiles*tile), real slots, lo, hi, key positions (tiles, K),
-    SDPA mask (B, nh*tiles, tile, K)) per group."""
-    B, T = item.shape
-    mono = torch.where(role == PAD, item.max() + n + 2, item).contiguous()     # (B, T) non-decreasing
+
+def sparse_tiles(block, role, n, kind, n_head, slopes=None, tile=32):
+    """The tiles of the block-sparse path: a list of Tiles, one per group of query rows, built once
+    per forward and shared by every layer. No (T, T) mask is ever built.
+
+    Groups. Under `window` every real row is one group that may read n blocks back (reach n).
+    Under `isolated` the [SUM] rows form one group with reach n, and the text and label rows
+    another with reach 0: they read their own block only, so their tiles stay narrow. PAD rows
+    are in no group: they attend only themselves, so their output is their own value.
+
+    Rows and filler. Each group's rows are moved to the front of a (B, T) ordering (stable, so
+    in token order) and cut into tiles of `tile` slots. A prompt with fewer rows than the longest
+    one in the batch fills its last slots with whatever follows; `real` marks those filler slots,
+    whose mask row is all True (never a fully masked row) and whose output is thrown away.
+
+    Key ranges. Every row q of block b may read keys from the first token of block b - reach up
+    to q itself (causality), so a tile reads the one contiguous range [lo, hi): lo = the first
+    token of the oldest block any real row of the tile may read (in any prompt of the batch), hi =
+    one past its last real row. The first token of block b - reach is found by binary search in
+    `mono`, the block index made non-decreasing by giving PAD tokens a block past every real one.
+    Ranges of one group are padded to the longest (K) with filler keys that the mask hides
+    (positions past hi, clamped to T-1), and the per-pair rules (`allowed_pairs`) remove what a range holds but a row may not
+    read (e.g. text rows of the tile's older blocks, another block's [SUM]). One SDPA call then
+    computes every tile of a group."""
+    B, T = block.shape
+    mono = torch.where(role == PAD, block.max() + n + 2, block).contiguous()  # (B, T) non-decreasing
     real = role != PAD
     groups = [(real & (role == SUM), n), (real & (role != SUM), 0)] if kind == 'isolated' else [(real, n)]
-    plan = []
+    tiles = []
     for rows, reach in groups:
         count = rows.sum(1)                                                    # (B,)
         n_tiles = -(-int(count.max()) // tile)
@@ -133,40 +158,53 @@ def sparse_plan(item, role, n, kind, n_head, slopes=None, tile=32):
             continue
         order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)      # (B, T) the group's rows first
         qp = F.pad(order, (0, max(0, n_tiles * tile - T)))[:, :n_tiles * tile]   # (B, tiles*tile)
-        ok = torch.arange(n_tiles * tile, device=item.device) < count[:, None]  # (B, tiles*tile) real slots
+        ok = torch.arange(n_tiles * tile, device=block.device) < count[:, None]  # (B, tiles*tile) real slots
         qp, ok = qp.view(B, n_tiles, tile), ok.view(B, n_tiles, tile)          # (B, tiles, tile)
-        qi, qr = item.gather(1, qp.flatten(1)).view_as(qp), role.gather(1, qp.flatten(1)).view_as(qp)
-        first = torch.searchsorted(mono, (qi - reach).flatten(1)).view_as(qp)  # (B, tiles, tile) oldest key
+        qb, qr = block.gather(1, qp.flatten(1)).view_as(qp), role.gather(1, qp.flatten(1)).view_as(qp)
+        first = torch.searchsorted(mono, (qb - reach).flatten(1)).view_as(qp)  # (B, tiles, tile) oldest key
         lo = torch.where(ok, first, T).amin(dim=(0, 2))                        # (tiles,)
         hi = torch.where(ok, qp + 1, 0).amax(dim=(0, 2))                       # (tiles,)
-        kp = lo[:, None] + torch.arange(int((hi - lo).max()), device=item.device)  # (tiles, K)
+        kp = lo[:, None] + torch.arange(int((hi - lo).max()), device=block.device)  # (tiles, K)
         in_range = kp < hi[:, None]                                            # (tiles, K)
         kp = kp.clamp(max=T - 1)
-        allowed = allowed_pairs(qi, qr, qp, item[:, kp], role[:, kp], kp.expand(B, -1, -1), n, kind)
+        allowed = allowed_pairs(qb, qr, qp, block[:, kp], role[:, kp], kp.expand(B, -1, -1), n, kind)
         allowed = (allowed & in_range[:, None, :]) | ~ok[..., None]  # filler rows see all, then are dropped
         mask = sdpa_mask(allowed, qp, kp, slopes)                              # (B, 1|nh, tiles, tile, K)
         mask = mask.expand(B, n_head, *mask.shape[2:]).reshape(B, n_head * n_tiles, tile, -1)
-        plan.append((qp.flatten(1), ok.flatten(1), lo, hi, kp, mask))
-    return plan
+        tiles.append(Tiles(qp.flatten(1), ok.flatten(1), lo, hi, kp, mask))
+    return tiles
 
 
-def sparse_attention(q, k, v, plan, dropout_p=0.0):
-    """SDPA over a sparse_plan, one call per group: (B, nh, T, hs) like the dense call. Each
+def sparse_attention(q, k, v, tiles, dropout_p=0.0):
+    """SDPA over sparse_tiles, one call per group: (B, nh, T, hs) like the dense call. Each
     group's rows are scattered back into place (filler slots into a spare row T, then dropped);
     PAD rows keep their value (they attend only themselves). index_select and gather, not advanced
     indexing, because their backwards (index_add, scatter_add) are several times faster on CPU."""
     B, nh, T, hs = q.shape
     y = F.pad(v, (0, 0, 0, 1))                                                 # (B, nh, T+1, hs)
-    for qp, ok, lo, hi, kp, mask in plan:
-        n_tiles, K = kp.shape
-        qt = q.gather(2, qp[:, None, :, None].expand(B, nh, -1, hs))            # (B, nh, tiles*tile, hs)
+    for g in tiles:
+        n_tiles, K = g.keys.shape
+        qt = q.gather(2, g.rows[:, None, :, None].expand(B, nh, -1, hs))        # (B, nh, tiles*tile, hs)
         qt = qt.view(B, nh * n_tiles, -1, hs)                                  # (B, nh*tiles, tile, hs)
-        kt = k.index_select(2, kp.flatten()).view(B, nh * n_tiles, K, hs)      # (B, nh*tiles, K, hs)
-        vt = v.index_select(2, kp.flatten()).view(B, nh * n_tiles, K, hs)      # (B, nh*tiles, K, hs)
-        yt = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, dropout_p=dropout_p)
-        slots = torch.where(ok, qp, T)[:, None, :, None].expand(B, nh, -1, hs)  # (B, nh, tiles*tile, hs)
+        kt = k.index_select(2, g.keys.flatten()).view(B, nh * n_tiles, K, hs)  # (B, nh*tiles, K, hs)
+        vt = v.index_select(2, g.keys.flatten()).view(B, nh * n_tiles, K, hs)  # (B, nh*tiles, K, hs)
+        yt = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=g.mask, dropout_p=dropout_p)
+        slots = torch.where(g.real, g.rows, T)[:, None, :, None].expand(B, nh, -1, hs)  # (B, nh, tiles*tile, hs)
         y = y.scatter(2, slots, yt.reshape(B, nh, -1, hs))                     # (B, nh, T+1, hs)
     return y[:, :, :T]                                                         # (B, nh, T, hs)
+
+
+def training_flops(config, block, role):
+    """Analytic training FLOPs of one batch ((B, T) block and role) under `config`, the way
+    nanoGPT's and nanochat's estimates count them: a forward layer costs 24*T*C^2 in its
+    projections and MLP (qkv 6, output 2, MLP 16) and 4*C per query-key pair the mask allows (QK^T
+    and AV); the read-out costs 2*T*C; backward = 2x forward, so training = 3x. T counts real
+    tokens only. Layer norms, softmax, embeddings and the optimizer are left out."""
+    C, L = config.n_embd, config.n_layer
+    real = role != PAD                                                         # (B, T)
+    pairs = int((attention_mask(block, role, config.n, config.mask)[:, 0] & real[:, :, None]).sum())
+    T = int(real.sum())
+    return 3 * (L * (24 * T * C * C + 4 * pairs * C) + 2 * T * C)
 
 # -----------------------------------------------------------------------------
 # the decoder
@@ -182,17 +220,13 @@ class SelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
 
-    def forward(self, x, plan):
+    def forward(self, x, attend):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)                     # 3 x (B, T, C)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)        # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)        # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)        # (B, nh, T, hs)
-        p = self.dropout if self.training else 0.0
-        if isinstance(plan, list):
-            y = sparse_attention(q, k, v, plan, dropout_p=p)                   # (B, nh, T, hs)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=plan, dropout_p=p)  # (B, nh, T, hs)
+        y = attend(q, k, v, dropout_p=self.dropout if self.training else 0.0)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)                       # (B, T, C)
         return self.resid_dropout(self.c_proj(y))                              # (B, T, C)
 
@@ -219,8 +253,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, plan):
-        x = x + self.attn(self.ln_1(x), plan)                                  # (B, T, C)
+    def forward(self, x, attend):
+        x = x + self.attn(self.ln_1(x), attend)                                # (B, T, C)
         return x + self.mlp(self.ln_2(x))                                      # (B, T, C)
 
 
@@ -251,7 +285,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, item, role):
+    def forward(self, idx, block, role):
         """(B, T) token ids, block indices and roles -> (B, T) CTR logits, meaningful at [SUM]."""
         B, T = idx.size()
         cfg = self.config
@@ -265,19 +299,29 @@ class GPT(nn.Module):
                 raise ValueError(f'prompt of {T} tokens is longer than block_size={cfg.block_size}')
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         x = self.transformer.drop(x)
-        # who sees whom, worked out once for all layers: tiles (sparse) or one dense mask
+        # who sees whom, worked out once for all layers: attend(q, k, v, dropout_p) runs attention
+        # over the sparse path's tiles or with one dense mask
         slopes = alibi_slopes(cfg.n_head).to(x.device, x.dtype) if cfg.pos == 'alibi' else None
         if cfg.attn == 'sparse':
-            plan = sparse_plan(item, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
+            attend = partial(sparse_attention, tiles=sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile))
         else:
             pos = torch.arange(T, device=idx.device).expand(B, T)              # (B, T)
-            plan = sdpa_mask(attention_mask(item, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
+            mask = sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
+            attend = partial(F.scaled_dot_product_attention, attn_mask=mask)
         with sdpa_kernel(SDPA_BACKENDS):
-            for block in self.transformer.h:
-                x = block(x, plan)                                             # (B, T, C)
+            for layer in self.transformer.h:  # a transformer Block (GPT-2's name), not a block of tokens
+                x = layer(x, attend)                                           # (B, T, C)
         x = self.transformer.ln_f(x)                                           # (B, T, C)
         # the LM head restricted to two rows: logit(yes) - logit(no), never the whole vocabulary
         return x @ (yes - no)                                                  # (B, T)
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.999)):
+        """AdamW as nanoGPT configures it: weight decay on matrices and embeddings (every parameter
+        of two or more dimensions), none on biases and layer norms. Fused: one kernel a step."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
+                  dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
 
 def ctr_loss(logits, label):

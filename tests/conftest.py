@@ -42,7 +42,7 @@ def target_logits(model, prompts):
     device = next(model.parameters()).device
     b = {key: v.to(device) for key, v in data.collate(prompts).items()}
     with torch.no_grad():
-        logits = model(b['idx'], b['item'], b['role'])
+        logits = model(b['idx'], b['block'], b['role'])
     return logits[b['label'] >= 0]
 
 

@@ -35,8 +35,8 @@ def test_special_tokens_round_trip():
 def blocks_of(prompt):
     """Split a flat prompt back into its blocks: (text ids, label token, is target, target label)."""
     out = []
-    for b in range(prompt['item'].max() + 1):
-        at = prompt['item'] == b
+    for b in range(prompt['block'].max() + 1):
+        at = prompt['block'] == b
         idx, role, label = prompt['idx'][at], prompt['role'][at], prompt['label'][at]
         assert list(role) == [TEXT] * (len(role) - 2) + [SUM, LABEL]
         assert idx[-2] == data.SUM_ID
@@ -51,7 +51,7 @@ def test_block_layout_and_sw_prompts(rng):
     prompts = data.sw_prompts(history, n)
     assert len(prompts) == len(history) - n
     for i, p in zip(range(n, len(history)), prompts):
-        assert np.all(np.diff(p['item']) >= 0)
+        assert np.all(np.diff(p['block']) >= 0)
         got = blocks_of(p)
         assert [(t, lab) for t, lab, _ in got] == [(t, data.YES_ID if y else data.NO_ID) for t, y in history[i - n:i + 1]]
         assert [target for *_, target in got] == [-1] * n + [history[i][1]]  # the target is the last block only
@@ -81,10 +81,10 @@ def test_collate_pads_right(rng):
     assert all(v.shape == (len(prompts), T) for v in b.values())
     for row, p in enumerate(prompts):
         L = len(p['idx'])
-        for key in ('idx', 'item', 'role', 'label'):
+        for key in ('idx', 'block', 'role', 'label'):
             assert b[key][row, :L].tolist() == p[key].tolist()
         assert (b['idx'][row, L:] == data.PAD_ID).all() and (b['role'][row, L:] == PAD).all()
-        assert (b['label'][row, L:] == -1).all() and (b['item'][row, L:] == -1).all()
+        assert (b['label'][row, L:] == -1).all() and (b['block'][row, L:] == -1).all()
 
 
 def test_segments_give_each_split_its_targets_with_full_windows():

@@ -21,7 +21,7 @@ def sum_positions(prompt):
 def logit_at(model, prompt, q):
     b = data.collate([prompt])
     with torch.no_grad():
-        return float(model(b['idx'], b['item'], b['role'])[0, q])
+        return float(model(b['idx'], b['block'], b['role'])[0, q])
 
 
 def perturbed(prompt, positions, rng):
@@ -41,7 +41,7 @@ def test_no_nan_anywhere_padding_included(mask, pos, rng):
     prompts = data.dti_streams(random_history(rng, 14), 3, 4) + data.sw_prompts(random_history(rng, 6), 3)
     b = data.collate(prompts)
     assert (b['role'] == PAD).any()
-    logits = model(b['idx'], b['item'], b['role'])
+    logits = model(b['idx'], b['block'], b['role'])
     assert torch.isfinite(logits).all()
     ctr_loss(logits, b['label']).backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
@@ -59,13 +59,13 @@ def test_no_future_leakage(mask, pos, n_layer, rng):
         before = logit_at(model, stream, q)
         assert abs(logit_at(model, perturbed(stream, after, rng), q) - before) < 1e-6, q
         # the check has teeth: changing the target's own text does move its logit
-        own_text = np.flatnonzero((stream['item'] == stream['item'][q]) & (np.arange(len(stream['idx'])) < q))
+        own_text = np.flatnonzero((stream['block'] == stream['block'][q]) & (np.arange(len(stream['idx'])) < q))
         own_text_moves.append(abs(logit_at(model, perturbed(stream, own_text, rng), q) - before))
     assert max(own_text_moves) > 1e-2
 
 
 def older_than_window(prompt, q, n):
-    return np.flatnonzero(prompt['item'] < prompt['item'][q] - n)
+    return np.flatnonzero(prompt['block'] < prompt['block'][q] - n)
 
 
 @pytest.mark.parametrize('pos', ['alibi', 'learned'])
@@ -138,7 +138,7 @@ def test_dti_differs_from_sw_with_learned_positions(rng):
 def test_only_target_sums_carry_loss_and_gradient(rng):
     model = small_model(n=2, mask='window', n_layer=2).train()
     b = data.collate(data.dti_streams(random_history(rng, 11), 2, 4))
-    logits = model(b['idx'], b['item'], b['role'])
+    logits = model(b['idx'], b['block'], b['role'])
     logits.retain_grad()
     loss = ctr_loss(logits, b['label'])
     loss.backward()

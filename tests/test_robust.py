@@ -139,7 +139,7 @@ def test_no_cuda_device_here(capsys):
     (['--n-embd', '64'], '--resume: --n-embd 64 changes the model shape (the checkpoint has 32)'),
     (['--pos', 'learned'], '--resume: --pos learned changes the model shape'),
     (['--lr', '0.01'], '--resume: --lr 0.01 differs from the checkpoint (0.003)'),
-    (['--k', '7'], '--resume: --k [7] differs from the checkpoint ([10])'),
+    (['--k', '7'], '--resume: --k 7 differs from the checkpoint (10)'),
 ])
 def test_resume_with_other_arguments(flags, message, checkpoint_dir, capsys):
     before = hashlib.sha256((checkpoint_dir / 'ckpt.pt').read_bytes()).hexdigest()
@@ -173,9 +173,9 @@ def test_bf16_autocast_runs_both_attention_paths(attn, device):
     b = {key: v.to(device) for key, v in data.collate(dti_minimal.make_prompts(ds, 0, 'dti', args.n, 10)[0][:4]).items()}
     torch.manual_seed(0)
     model = dti_minimal.build_model(args)
-    full = model(b['idx'], b['item'], b['role'])
+    full = model(b['idx'], b['block'], b['role'])
     with torch.autocast(device, dtype=torch.bfloat16):
-        half = model(b['idx'], b['item'], b['role'])
+        half = model(b['idx'], b['block'], b['role'])
         loss = ctr_loss(half, b['label'])
     loss.backward()
     assert half.dtype == torch.bfloat16 and (half.float() - full).abs().max() < 0.1

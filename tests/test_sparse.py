@@ -8,19 +8,14 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import model
-from conftest import DEVICES, small_model
-
-
-def history(rng, m, max_text):
-    return [(rng.integers(0, 1000, rng.integers(1, max_text + 1)).tolist(), int(rng.integers(0, 2)))
-            for _ in range(m)]
+from conftest import DEVICES, random_history, small_model
 
 
 def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, seed, dtype, std, device='cpu'):
     """Logits and every parameter's gradient from the sparse path and from the dense reference,
     same weights, same padded batch of SW prompts or DTI streams, on `device`."""
     rng = np.random.default_rng(seed)
-    histories = [history(rng, n + m, max_text), history(rng, n + max(1, m // 3), max_text)]
+    histories = [random_history(rng, n + m, max_text), random_history(rng, n + max(1, m // 3), max_text)]
     prompts = [p for h in histories for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
     prompts = [prompts[i] for i in rng.permutation(len(prompts))[:6]]
     b = {key: v.to(device) for key, v in data.collate(prompts).items()}
@@ -31,7 +26,7 @@ def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, see
     assert sparse.config.attn == 'sparse' and dense.config.attn == 'dense'
     outs = []
     for net in (sparse, dense):
-        logits = net(b['idx'], b['item'], b['role'])
+        logits = net(b['idx'], b['block'], b['role'])
         (logits * torch.linspace(-1, 1, logits.numel(), dtype=dtype, device=device).view_as(logits)).sum().backward()
         outs.append((logits.detach(), {name: p.grad for name, p in net.named_parameters()}))
     return outs
@@ -79,21 +74,22 @@ def test_every_tile_range_is_tight_and_covers_its_rows(n, k, m, mask, tile, seed
     either end, every allowed key of every row lies inside its tile's range, the tile masks are
     the dense mask's rows, and every real row is computed exactly once."""
     rng = np.random.default_rng(seed)
-    b = data.collate(data.dti_streams(history(rng, n + m, 6), n, k) + data.sw_prompts(history(rng, n + 2, 6), n))
+    b = data.collate(data.dti_streams(random_history(rng, n + m), n, k) + data.sw_prompts(random_history(rng, n + 2), n))
     B = len(b['idx'])
-    full = model.attention_mask(b['item'], b['role'], n, mask)[:, 0]          # (B, T, T)
+    full = model.attention_mask(b['block'], b['role'], n, mask)[:, 0]          # (B, T, T)
     covered = torch.zeros_like(b['role'])
-    for qp, ok, lo, hi, kp, attn_mask in model.sparse_plan(b['item'], b['role'], n, mask, 2, tile=tile):
-        for t in range(len(lo)):
-            q_t, ok_t = qp[:, t * tile:(t + 1) * tile], ok[:, t * tile:(t + 1) * tile]   # (B, tile)
+    for g in model.sparse_tiles(b['block'], b['role'], n, mask, 2, tile=tile):
+        for t in range(len(g.lo)):
+            q_t, ok_t = g.rows[:, t * tile:(t + 1) * tile], g.real[:, t * tile:(t + 1) * tile]   # (B, tile)
             rows = full[torch.arange(B)[:, None], q_t] & ok_t[:, :, None]     # (B, tile, T)
-            lo_t, hi_t = int(lo[t]), int(hi[t])
+            lo_t, hi_t = int(g.lo[t]), int(g.hi[t])
             assert rows[:, :, lo_t].any() and rows[:, :, hi_t - 1].any()      # tight at both ends
             assert not rows[:, :, :lo_t].any() and not rows[:, :, hi_t:].any()  # nothing allowed left out
             K = hi_t - lo_t
-            assert torch.equal(kp[t, :K], torch.arange(lo_t, hi_t))
-            tile_mask = attn_mask.view(B, 2, len(lo), tile, -1)[:, 0, t]        # (B, tile, K) head 0
+            assert torch.equal(g.keys[t, :K], torch.arange(lo_t, hi_t))
+            tile_mask = g.mask.view(B, 2, len(g.lo), tile, -1)[:, 0, t]         # (B, tile, K) head 0
             assert torch.equal(tile_mask[:, :, :K] & ok_t[:, :, None], rows[:, :, lo_t:hi_t])
             assert not (tile_mask[:, :, K:] & ok_t[:, :, None]).any()          # padding keys never seen
-        covered.index_put_((torch.arange(B)[:, None].expand_as(qp)[ok], qp[ok]), torch.tensor(1), accumulate=True)
+        covered.index_put_((torch.arange(B)[:, None].expand_as(g.rows)[g.real], g.rows[g.real]), torch.tensor(1),
+                           accumulate=True)
     assert torch.equal(covered, (b['role'] != data.PAD).long())  # every real row exactly once, PAD rows never
