@@ -6,10 +6,11 @@ Isolation streams (DTI), evaluate it, and write DIR/results.json.
     python dti_minimal.py --mode sw             # the same model and data, one prompt per target
     python dti_minimal.py --mode compare        # both, same init and targets: DIR/compare.json
     python dti_minimal.py --mode compare --k 1,5,10,20,50,100 --max-train-targets 3000  # k sweep
+    python dti_minimal.py --mode ablation --max-train-targets 8000  # the paper's ablation: DIR/ablation.json
     python dti_minimal.py --mode bench --mask window   # block-sparse vs dense attention: DIR/bench.json
 
 The file reads top to bottom: flags, data, training, evaluation, experiments (one run, compare,
-bench), plumbing (checkpoints, distributed runs, output).
+ablation, bench), plumbing (checkpoints, distributed runs, output).
 """
 import argparse
 import json
@@ -70,8 +71,9 @@ def parse_args(argv=None):
     p.error = die  # one line, exit 2, also for argparse's own complaints
     add = p.add_argument
     # what to run
-    add('--mode', choices=['sw', 'dti', 'compare', 'bench'], default='dti',
-        help='training paradigm; compare: SW and DTI back to back; bench: sparse vs dense attention')
+    add('--mode', choices=['sw', 'dti', 'compare', 'ablation', 'bench'], default='dti',
+        help='training paradigm; compare: SW and DTI step for step; ablation: masks x positions x k; '
+             'bench: sparse vs dense attention')
     add('--out', default='out', help='output folder for results.json (compare.json, bench.json) and ckpt.pt')
     # data
     add('--dataset', choices=DATASETS, default='synthetic',
@@ -82,8 +84,9 @@ def parse_args(argv=None):
     add('--history', type=history_range, default=(60, 120), metavar='MIN,MAX',
         help='interactions per synthetic user, drawn uniformly from MIN..MAX')
     add('--n', type=int, default=20, help='context blocks each target sees')
-    add('--k', type=k_list, default=[50],
-        help='targets per DTI stream; with --mode compare a list such as 1,5,50 sweeps k')
+    add('--k', type=k_list, default=None,
+        help='targets per DTI stream (default 50); with --mode compare or ablation a list such as 1,5,50 '
+             'sweeps k (ablation default: 5,50)')
     add('--max-train-targets', type=int, default=None, help='train on the first N targets only')
     # model
     add('--mask', choices=['isolated', 'window'], default='isolated',
@@ -95,8 +98,9 @@ def parse_args(argv=None):
     add('--n-embd', type=int, default=64, help='embedding width C')
     add('--block-size', type=int, default=2048, help='longest prompt in tokens (bounds learned positions only)')
     add('--dropout', type=float, default=0.0, help='dropout rate')
-    add('--attn', choices=['sparse', 'dense'], default='sparse',
-        help='attention path: block-sparse tiles (fast) or one dense SDPA call (the reference)')
+    add('--attn', choices=['auto', 'sparse', 'dense'], default='auto',
+        help='attention path: block-sparse tiles, one dense SDPA call (the reference), or auto: '
+             'time both on the run\'s first batches and train on the faster')
     # training
     add('--epochs', type=int, default=4, help='passes over the training targets')
     add('--batch-size', type=int, default=256, help='targets per optimizer step, both modes')
@@ -116,9 +120,11 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything about the flags that can be checked before any work: one line and exit 2, else
     the arguments with --k made a single number outside a sweep and --device resolved."""
-    if len(args.k) > 1 and args.mode != 'compare':
-        die('a list of k values is a sweep: use it with --mode compare')
-    if args.mode != 'compare':
+    sweep = args.mode in ('compare', 'ablation')
+    args.k = args.k or ([5, 50] if args.mode == 'ablation' else [50])
+    if len(args.k) > 1 and not sweep:
+        die('a list of k values is a sweep: use it with --mode compare or ablation')
+    if not sweep:
         args.k = args.k[0]  # a list only for a sweep
     if args.max_train_targets is not None and args.max_train_targets < 1:
         die(f'--max-train-targets must be at least 1, got {args.max_train_targets}')
@@ -189,19 +195,32 @@ def make_prompts(ds, split, mode, n, k, max_targets=None):
     return [p for r in runs for p in make(r)], prob
 
 
-def batches(prompts, batch_targets, rng):
-    """Shuffled batches of whole prompts holding about batch_targets targets each. Prompts with
-    as many blocks go together (sorted inside shuffled pools of ~32 batches), so little is padding:
-    full DTI streams with full ones, a user's shorter last stream with its likes. Sorting by block
-    count, not token count, keeps batches random in content (every SW prompt has n+1 blocks)."""
-    n_targets = [int((p['label'] >= 0).sum()) for p in prompts]
-    pool = 32 * max(1, round(batch_targets * len(prompts) / sum(n_targets)))
-    order = rng.permutation(len(prompts))
+def train_units(ds, mode, n, k, max_targets=None):
+    """The training targets in units of one DTI stream each: [stream] (DTI), or the SW prompts of
+    exactly that stream's targets (SW). Batches are drawn over units, so with the same seed SW
+    step j trains on the targets of DTI step j: one training run, computed two ways."""
+    streams, _ = make_prompts(ds, 0, 'dti', n, k, max_targets)
+    if mode == 'dti':
+        return [[s] for s in streams]
+    sw, _ = make_prompts(ds, 0, 'sw', n, k, max_targets)
+    first = np.cumsum([0] + [data.targets_of([s]) for s in streams])  # SW prompts are in stream target order
+    return [sw[a:b] for a, b in zip(first[:-1], first[1:])]
+
+
+def batches(units, batch_targets, rng):
+    """Shuffled batches of whole units (one DTI stream's targets each) holding at least
+    batch_targets targets, or what is left at the end of a pool. Units with as many targets go
+    together (sorted inside shuffled pools of ~32 batches), so little is padding: full streams
+    with full ones, a user's shorter last stream with its likes. The draw depends on the units'
+    target counts only, so SW and DTI get the same batches of targets."""
+    n_targets = [data.targets_of(u) for u in units]
+    pool = 32 * max(1, round(batch_targets * len(units) / sum(n_targets)))
+    order = rng.permutation(len(units))
     out = []
     for s in range(0, len(order), pool):
         batch, count = [], 0
-        for i in sorted(order[s:s + pool], key=lambda i: prompts[i]['block'][-1]):
-            batch.append(prompts[i])
+        for i in sorted(order[s:s + pool], key=lambda i: n_targets[i]):
+            batch.append(units[i])
             count += n_targets[i]
             if count >= batch_targets:
                 out.append(batch)
@@ -214,12 +233,14 @@ def batches(prompts, batch_targets, rng):
 # training
 
 Step = namedtuple('Step', 'seconds targets loss padding')  # one optimizer step's record
+ATTENTION_PATHS = ['sparse', 'dense']  # the exact paths --attn auto times
 
 
 def model_config(args):
     return GPTConfig(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID, n_layer=args.n_layer,
                      n_head=args.n_head, n_embd=args.n_embd, n=args.n, mask=args.mask, pos=args.pos,
-                     block_size=args.block_size, dropout=args.dropout, attn=args.attn)
+                     block_size=args.block_size, dropout=args.dropout,
+                     attn='sparse' if args.attn == 'auto' else args.attn)  # auto: train() times both
 
 
 def build_model(args):
@@ -241,18 +262,43 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
-    """AdamW on BCE at target [SUM]s. Returns (targets trained, seconds spent, one Step per
-    optimizer step); the clock covers collation, forward, backward and the update.
+def fastest_attention(model, plan, args, steps=2, repeats=3):
+    """--attn auto: forward + backward of the plan's first `steps` batches on every exact path,
+    interleaved, `repeats` times; the path with the smaller median. Gradients are cleared after."""
+    times = {attn: [] for attn in ATTENTION_PATHS}
+    for _ in range(repeats):
+        for attn in ATTENTION_PATHS:
+            model.config.attn = attn
+            t0 = time.perf_counter()
+            for _, _, batch in plan[:steps]:
+                b = {key: v.to(args.device) for key, v in data.collate([p for u in batch for p in u]).items()}
+                with autocast(args.device):
+                    ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).backward()
+            if torch.device(args.device).type == 'cuda':
+                torch.cuda.synchronize()
+            times[attn].append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    best = [min(times, key=lambda attn: np.median(times[attn]))]
+    if WORLD > 1:
+        dist.broadcast_object_list(best, src=0)  # every rank takes rank 0's choice
+    return best[0]
+
+
+def train(model, units, args, desc='train', ckpt_dir=None, resume=None):
+    """AdamW on BCE at target [SUM]s over `units` (train_units). Returns (targets trained, seconds
+    spent, one Step per optimizer step); the clock covers collation, forward, backward and the
+    update. With --attn auto, model.config.attn is first set to the faster exact path.
     The batches of every epoch are drawn up front from args.seed, so a run is a fixed list of steps:
     with ckpt_dir, DIR/ckpt.pt is written every args.ckpt_every steps and at the end, and `resume`
     (a loaded checkpoint) continues at its step. Under torchrun every rank takes its share of each
     batch's prompts and DistributedDataParallel sums the gradients."""
     rng = np.random.default_rng(args.seed)
     opt = model.configure_optimizers(args.weight_decay, args.lr)
-    per_epoch = data.targets_of(prompts)
+    per_epoch = sum(data.targets_of(u) for u in units)
     plan = [(e, i, batch) for e in range(args.epochs)
-            for i, batch in enumerate(batches(prompts, args.batch_size, rng))]  # (epoch, step in epoch, batch)
+            for i, batch in enumerate(batches(units, args.batch_size, rng))]  # (epoch, step in epoch, batch)
+    if args.attn == 'auto':
+        model.config.attn = fastest_attention(model, plan, args)
     start, seen, seconds, records = 0, 0, 0.0, []
     if resume is not None:
         model.load_state_dict(resume['model'])
@@ -267,10 +313,11 @@ def train(model, prompts, args, desc='train', ckpt_dir=None, resume=None):
     bar = tqdm(total=args.epochs * per_epoch, initial=seen, unit='target', desc=desc, dynamic_ncols=True,
                disable=True if RANK else None)
     for step in range(start, len(plan)):
-        epoch, _, batch = plan[step]
+        epoch, _, units_of_step = plan[step]
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group['lr'] = learning_rate(step, len(plan), args.lr)
+        batch = [p for u in units_of_step for p in u]
         mine = batch[RANK::WORLD]
         b = {key: v.to(args.device) for key, v in data.collate(mine or batch[:1]).items()}
         n_targets = sum(int((p['label'] >= 0).sum()) for p in batch)
@@ -394,49 +441,56 @@ def baseline(ds, n):
     return metrics(model.decision_function(X[split == 2]), y[split == 2])
 
 # -----------------------------------------------------------------------------
-# experiments: one run (--mode sw, dti), SW against DTI (compare), attention paths (bench)
+# experiments: one run (--mode sw, dti), SW against DTI (compare), the ablation, attention paths (bench)
+
+
+def eval_prompts(args, ds, mode, k):
+    """{'valid': (prompts, prob), 'test': (prompts, prob)}: SW prompts or streams of k targets."""
+    return {name: make_prompts(ds, split, mode, args.n, k) for split, name in ((1, 'valid'), (2, 'test'))}
 
 
 def prepare(args, ds, mode, k, evals=None):
-    """Train prompts and valid/test prompts (`evals`, built here unless given) for one run, or a
-    one-line error before any work."""
-    train_prompts, _ = make_prompts(ds, 0, mode, args.n, k, args.max_train_targets)
-    if evals is None:
-        evals = {name: make_prompts(ds, split, args.eval_mode, args.n, k) for split, name in ((1, 'valid'), (2, 'test'))}
-    if not train_prompts or not all(prompts for prompts, _ in evals.values()):
+    """Train units (train_units) and valid/test prompts (`evals`, built here from --eval-mode
+    unless given) for one run, or a one-line error before any work."""
+    units = train_units(ds, mode, args.n, k, args.max_train_targets)
+    evals = evals or eval_prompts(args, ds, args.eval_mode, k)
+    if not units or not all(prompts for prompts, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
-    longest = max(len(p['idx']) for p in train_prompts + evals['valid'][0] + evals['test'][0])
+    longest = max(len(p['idx']) for p in [p for u in units for p in u] + [p for e in evals.values() for p in e[0]])
     if args.pos == 'learned' and longest > args.block_size:
         die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
-    return train_prompts, evals
+    return units, evals
 
 
 def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
     """Train one model (from the state `init` if given; checkpoints into ckpt_dir; continuing the
     checkpoint `resume`), evaluate it, return its results."""
-    train_prompts, evals = prepared
+    units, evals = prepared
+    train_prompts = [p for u in units for p in u]
     torch.manual_seed(args.seed)
     model = build_model(args)
-    if init is not None:
-        model.load_state_dict(init)
+    if init is not None:  # an ALiBi model takes a learned-position model's weights but its wpe
+        model.load_state_dict({key: v for key, v in init.items() if args.pos == 'learned' or 'wpe' not in key})
     print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {data.targets_of(train_prompts)} train targets, '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
-    targets_trained, train_seconds, records = train(model, train_prompts, args, f'train {mode}', ckpt_dir, resume)
-    res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos,
+    targets_trained, train_seconds, records = train(model, units, args, f'train {mode}', ckpt_dir, resume)
+    res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos, attn=model.config.attn,
                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=args.seed,
-               targets_trained=targets_trained, train_seconds=train_seconds,
+               targets_trained=targets_trained, train_seconds=train_seconds, steps=len(records),
+               mean_targets_per_step=targets_trained / len(records),
                time_per_target_ms=1000 * train_seconds / targets_trained,
                median_time_per_target_ms=median_ms_per_target(records),
                flops_per_target=flops_per_target(train_prompts, model.config),
                padding=float(np.mean([r.padding for r in records])),
                first_loss=float(np.mean([r.loss for r in records[:10]])),
-               last_loss=float(np.mean([r.loss for r in records[-10:]])))
+               last_loss=float(np.mean([r.loss for r in records[-10:]])),
+               step_loss=[r.loss for r in records])
     for name, (prompts, prob) in evals.items():
         labels = target_labels(prompts)
         m = metrics(predict(model, prompts, args.device), labels)
         res.update({f'{name}_{key}': float(v) for key, v in m.items()})
         res[f'{name}_bayes_auc'] = float(roc_auc_score(labels, prob)) if np.isfinite(prob).all() else None
-    res['bayes_auc'] = res['test_bayes_auc']  # None on real data: nobody knows the true probabilities
+    res['bayes_auc'] = res.get('test_bayes_auc')  # None on real data: nobody knows the true probabilities
     res['args'] = vars(args)
     return res, model
 
@@ -460,11 +514,12 @@ def train_and_report(args, ds, ckpt):
 
 
 def compare(args, ds):
-    """SW and DTI back to back: same initial weights, data, targets, epochs and mask. One SW run,
-    one DTI run per k. Speed-ups are ratios of median step times per target in this process."""
-    sw_prepared = prepare(args, ds, 'sw', args.k[0])  # k matters to evaluation only, with --eval-mode dti
-    shared = sw_prepared[1] if args.eval_mode == 'sw' else None  # SW evaluation is the same for every k
-    prepared = {k: prepare(args, ds, 'dti', k, shared) for k in args.k}
+    """SW and DTI step for step: the same initial weights, data, mask and steps, SW step j on the
+    targets of DTI step j (train_units). One SW run, one DTI run per k; speed-ups are ratios of
+    median step times per target in this process, each run on its faster path under --attn auto."""
+    evals = eval_prompts(args, ds, 'sw', args.k[0]) if args.eval_mode == 'sw' else None  # the same for every k
+    prepared = {k: prepare(args, ds, 'dti', k, evals) for k in args.k}
+    sw_prepared = prepare(args, ds, 'sw', args.k[0], evals)
     torch.manual_seed(args.seed)
     init = build_model(args).state_dict()
     sw, _ = run(args, ds, 'sw', args.k[0], sw_prepared, init)
@@ -478,20 +533,25 @@ def compare(args, ds):
                           analytic_speedup=sw['flops_per_target'] / dti['flops_per_target'],
                           ideal_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
                           dti_test_auc=dti['test_auc'], dti_test_logloss=dti['test_logloss'],
-                          dti_test_f1=dti['test_f1'], dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding']))
-    res = dict(sweep[0], sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
+                          dti_test_f1=dti['test_f1'], dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding'],
+                          dti_attn=dti['attn'], dti_steps=dti['steps'], dti_step_loss=dti['step_loss']))
+    first = sweep[0]
+    res = dict(first, sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
                sw_test_logloss=sw['test_logloss'], sw_test_f1=sw['test_f1'], sw_flops_per_target=sw['flops_per_target'],
-               sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], bayes_auc=sw['bayes_auc'],
-               **{key: sw[key] for key in ('baseline_test_auc', 'baseline_test_logloss', 'baseline_test_f1')}, n=args.n, mask=args.mask,
-               targets_trained=sw['targets_trained'], torch=torch.__version__, threads=torch.get_num_threads(),
-               sweep=sweep, args=vars(args))
+               sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], sw_attn=sw['attn'], sw_steps=sw['steps'],
+               sw_step_loss=sw['step_loss'], max_step_loss_diff=step_loss_diff(sw['step_loss'], first['dti_step_loss']),
+               mean_targets_per_step=sw['mean_targets_per_step'], bayes_auc=sw['bayes_auc'],
+               **{key: sw[key] for key in ('baseline_test_auc', 'baseline_test_logloss', 'baseline_test_f1')},
+               n=args.n, mask=args.mask, pos=args.pos, targets_trained=sw['targets_trained'],
+               torch=torch.__version__, threads=torch.get_num_threads(), sweep=sweep, args=vars(args))
     path = write_json(args.out, 'compare.json', res)
-    print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, {sw['targets_trained']} targets trained each, "
+    print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, pos={args.pos}, {sw['targets_trained']} targets trained each "
+          f"in {sw['steps']} paired steps of {sw['mean_targets_per_step']:.0f} targets on average; "
           f"medians of step time per target")
-    print_table(['', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'test AUC', 'padding'],
-                [['SW', f"{sw['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '', f"{sw['test_auc']:.4f}",
-                  f"{sw['padding']:.1%}"]] +
-                [[f"DTI k={r['k']}", f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
+    print_table(['', 'path', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'test AUC', 'padding'],
+                [['SW', sw['attn'], f"{sw['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '',
+                  f"{sw['test_auc']:.4f}", f"{sw['padding']:.1%}"]] +
+                [[f"DTI k={r['k']}", r['dti_attn'], f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
                   f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", f"{r['dti_test_auc']:.4f}",
                   f"{r['dti_padding']:.1%}"] for r in sweep])
     print()
@@ -501,7 +561,87 @@ def compare(args, ds):
                   f"{r['dti_train_seconds']:.1f}"] for r in sweep] +
                 [['test LR', *(f"{sw[f'baseline_test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')), '']])
     print(f'test LR: {BASELINE}')
+    print(f"largest difference of SW's and DTI k={first['k']}'s loss at the same step: {res['max_step_loss_diff']:.2e}")
     print(f'wrote {path}')
+    return res
+
+
+def step_loss_diff(a, b):
+    """Largest |difference| of two runs' losses at the same step (they take the same steps)."""
+    assert len(a) == len(b), (len(a), len(b))
+    return float(np.max(np.abs(np.subtract(a, b))))
+
+
+ABLATION = [  # (name, mode, mask, pos): pos None is --pos
+    ('SW, standard', 'sw', 'window', None),
+    ('SW, isolated', 'sw', 'isolated', None),
+    ('DTI, naive', 'dti', 'window', 'learned'),
+    ('DTI, ALiBi only', 'dti', 'window', 'alibi'),
+    ('DTI, isolation only', 'dti', 'isolated', 'learned'),
+    ('DTI, both', 'dti', 'isolated', 'alibi'),
+]
+
+
+def ablation(args, ds):
+    """The paper's ablation on this code: SW with the standard (causal) and the isolated mask, and
+    DTI with {window, isolated} x {learned, ALiBi} for every k of --k, all from the same initial
+    weights on the same targets and steps. Every model is scored twice: on SW prompts (how a
+    deployed model meets one new target) and on streams of its k (SW rows: the largest k)."""
+    evals = {f'{split}_sw': prompts for split, prompts in eval_prompts(args, ds, 'sw', args.k[0]).items()}
+    streams = {k: {f'{split}_stream': prompts for split, prompts in eval_prompts(args, ds, 'dti', k).items()}
+               for k in args.k}
+    runs = [(name, mode, mask, pos or args.pos, k) for name, mode, mask, pos in ABLATION
+            for k in ([max(args.k)] if mode == 'sw' else args.k)]
+    torch.manual_seed(args.seed)
+    init = build_model(argparse.Namespace(**{**vars(args), 'pos': 'learned'})).state_dict()
+    rows = []
+    for name, mode, mask, pos, k in runs:
+        row_args = argparse.Namespace(**{**vars(args), 'mask': mask, 'pos': pos, 'k': k})
+        print(f'\n{name}: --mode {mode} --mask {mask} --pos {pos}' + (f' --k {k}' if mode == 'dti' else ''))
+        res, _ = run(row_args, ds, mode, k, prepare(row_args, ds, mode, k, {**evals, **streams[k]}), init)
+        row = dict(name=name, mode=mode, mask=mask, pos=pos, k=k if mode == 'dti' else None, attn=res['attn'],
+                   train_seconds=res['train_seconds'], median_time_per_target_ms=res['median_time_per_target_ms'],
+                   flops_per_target=res['flops_per_target'], targets_trained=res['targets_trained'],
+                   steps=res['steps'], step_loss=res['step_loss'])
+        for split in ('valid', 'test'):
+            for way in ('sw', 'stream'):
+                row.update({f'{split}_{m}_{way}': res[f'{split}_{way}_{m}'] for m in ('auc', 'logloss')})
+        rows.append(row)
+    standard, isolated = rows[:2]
+    for row in rows:
+        row['speedup'] = standard['median_time_per_target_ms'] / row['median_time_per_target_ms']
+    # SW rows train on the batches of streams of the largest k: a DTI row at that k takes the same steps on the
+    # same targets as the SW row with its mask, and from the same weights its first step's loss differs only by
+    # what the two paradigms compute differently ('DTI, both' against 'SW, isolated': nothing but round-off)
+    paired = [r for r in rows if r['k'] == max(args.k)]
+    for r in paired:
+        sw_row = isolated if r['mask'] == 'isolated' else standard
+        diff = np.abs(np.subtract(r['step_loss'], sw_row['step_loss']))
+        r.update(paired_sw_row=sw_row['name'], step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
+                 first_step_diff_over_1e4=int(np.argmax(diff > 1e-4)) + 1 if (diff > 1e-4).any() else None)
+    both = paired[-1]
+    test_prompts, test_prob = evals['test_sw']
+    res = dict(dataset=args.dataset, n=args.n, k=args.k, targets_trained=standard['targets_trained'],
+               steps=standard['steps'], bayes_auc=float(roc_auc_score(target_labels(test_prompts), test_prob))
+               if np.isfinite(test_prob).all() else None,
+               max_step_loss_diff=step_loss_diff(isolated['step_loss'], both['step_loss']),
+               torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, args=vars(args))
+    path = write_json(args.out, 'ablation.json', res)
+    bayes = '' if res['bayes_auc'] is None else f", Bayes AUC {res['bayes_auc']:.4f}"
+    print(f"\nablation on {args.dataset}, n={args.n}, {res['targets_trained']} targets trained by every row{bayes}; "
+          f"test metrics scored on SW prompts and on streams of the row's k (SW rows: k={max(args.k)})")
+    print_table(['', 'k', 'mask', 'pos', 'path', 'AUC SW', 'LogLoss SW', 'AUC stream', 'LogLoss stream',
+                 'train s', 'ms/target', 'speed-up'],
+                [[r['name'], str(r['k'] or ''), r['mask'], r['pos'], r['attn'], f"{r['test_auc_sw']:.4f}",
+                  f"{r['test_logloss_sw']:.4f}", f"{r['test_auc_stream']:.4f}", f"{r['test_logloss_stream']:.4f}",
+                  f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x"]
+                 for r in rows])
+    print(f"\nat k={max(args.k)} every DTI row takes the same steps as the SW row with its mask, from the same weights; "
+          f"their losses at the same step differ by")
+    print_table(['', 'against', 'step 1', 'first step > 1e-4', 'largest'],
+                [[r['name'], r['paired_sw_row'], f"{r['step_loss_diff_first']:.1e}",
+                  str(r['first_step_diff_over_1e4'] or '-'), f"{r['step_loss_diff_max']:.1e}"] for r in paired])
+    print(f'valid metrics and step losses are in {path}')
     return res
 
 
@@ -615,7 +755,7 @@ def setup_distributed(args):
     if 'RANK' not in os.environ:
         return
     if args.mode not in ('sw', 'dti'):
-        die('torchrun runs --mode sw or dti')
+        die(f'torchrun runs --mode sw or dti, not {args.mode}')
     cuda = torch.device(args.device).type == 'cuda'
     if cuda:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -647,10 +787,11 @@ def write_json(folder, name, obj):
 
 
 def print_table(header, rows):
-    """Rows of cells (strings) under a header, each column right-aligned to its widest cell."""
+    """Rows of cells (strings) under a header: the first column left-aligned (row names), the others
+    right-aligned, each as wide as its widest cell."""
     widths = [max(len(r[j]) for r in [header] + rows) for j in range(len(header))]
     for r in [header] + rows:
-        print('  '.join(cell.rjust(w) for cell, w in zip(r, widths)))
+        print('  '.join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(r, widths))))
 
 # -----------------------------------------------------------------------------
 
@@ -665,8 +806,8 @@ def main(argv=None):
     setup_distributed(args)
     if args.mode == 'bench':
         return bench(args)
-    if args.mode == 'compare':
-        return compare(args, load_dataset(args))
+    if args.mode in ('compare', 'ablation'):
+        return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
     try:
         return train_and_report(args, load_dataset(args), ckpt)
     finally:

@@ -303,7 +303,8 @@ class GPT(nn.Module):
         # over the sparse path's tiles or with one dense mask
         slopes = alibi_slopes(cfg.n_head).to(x.device, x.dtype) if cfg.pos == 'alibi' else None
         if cfg.attn == 'sparse':
-            attend = partial(sparse_attention, tiles=sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile))
+            tiles = sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
+            attend = partial(sparse_attention, tiles=tiles)
         else:
             pos = torch.arange(T, device=idx.device).expand(B, T)              # (B, T)
             mask = sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)

@@ -27,7 +27,7 @@ def results(folder):
 
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path):
-    flags = TINY + ['--epochs', '2', '--ckpt-every', '5']
+    flags = TINY + ['--epochs', '2', '--ckpt-every', '5', '--attn', 'sparse']  # one path: exact to 1e-6
     assert cli(*flags, '--out', str(tmp_path / 'whole')).returncode == 0
     killed = tmp_path / 'killed'
     p = subprocess.Popen([sys.executable, 'dti_minimal.py', *flags, '--out', str(killed)], cwd=ROOT,
@@ -71,7 +71,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     Only the order of float32 sums differs (gradients over ranks, losses per rank), about 1e-7
     per step; at this learning rate training is stable, so the metrics agree to 1e-5. (At lr 3e-3
     this tiny run has a loss spike that amplifies any reordering of sums, one process or two.)"""
-    flags = TINY + ['--lr', '1e-3']
+    flags = TINY + ['--lr', '1e-3', '--attn', 'sparse']
     one = cli(*flags, '--out', str(tmp_path / 'one'))
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--',
                           'dti_minimal.py', *flags, '--out', str(tmp_path / 'two')],
@@ -119,6 +119,7 @@ BAD = [
     (['--device', 'meta'], 'use auto, cpu, cuda, cuda:N or mps'),
     (['--resume'], '--resume: no checkpoint at'),
     (['--resume', '--mode', 'compare'], '--resume continues a --mode sw or dti run'),
+    (['--resume', '--mode', 'ablation'], '--resume continues a --mode sw or dti run'),
 ]
 
 
@@ -127,6 +128,14 @@ def test_bad_input_is_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / 'out'
     assert message in one_line_error(capsys, TINY + ['--out', str(out), *flags])
     assert not out.exists()  # nothing written, not even the folder
+
+
+@pytest.mark.parametrize('mode', ['compare', 'ablation', 'bench'])
+def test_torchrun_runs_sw_or_dti_only(mode, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv('RANK', '0')  # what torchrun sets; refused before joining any process group
+    assert f'torchrun runs --mode sw or dti, not {mode}' in one_line_error(
+        capsys, TINY + ['--mode', mode, '--out', str(tmp_path / 'out')])
+    assert not (tmp_path / 'out').exists()
 
 
 def test_no_cuda_device_here(capsys):

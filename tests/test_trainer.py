@@ -29,7 +29,8 @@ def test_end_to_end_run_writes_results(mode, tmp_path):
 def test_training_reduces_the_loss():
     args = dti_minimal.parse_args(TINY + ['--epochs', '3', '--lr', '3e-3'])
     ds = dti_minimal.load_dataset(args)
-    prompts, _ = dti_minimal.make_prompts(ds, 0, 'dti', args.n, args.k)
+    units = dti_minimal.train_units(ds, 'dti', args.n, args.k)
+    prompts = [p for u in units for p in u]
     torch.manual_seed(0)
     model = dti_minimal.build_model(args)
     b = data.collate(prompts)
@@ -38,7 +39,7 @@ def test_training_reduces_the_loss():
         with torch.no_grad():
             return ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).item()
     before = loss()
-    trained, seconds, records = dti_minimal.train(model, prompts, args)
+    trained, seconds, records = dti_minimal.train(model, units, args)
     assert trained == 3 * data.targets_of(prompts) == sum(r.targets for r in records)
     assert seconds > 0 and len(records) > 10
     assert loss() < before - 0.05, (before, loss())
@@ -122,3 +123,89 @@ def test_configure_optimizers_decays_matrices_and_embeddings_only():
     assert id(model.transformer.wte.weight) in map(id, decay['params'])
     assert id(model.transformer.ln_f.bias) in map(id, no_decay['params'])
 
+
+
+def target_blocks(prompts):
+    """Every target of `prompts` as (its block's token ids, its label), in order."""
+    out = []
+    for p in prompts:
+        for q in np.flatnonzero(p['label'] >= 0):
+            out.append((tuple(p['idx'][p['block'] == p['block'][q]]), int(p['label'][q])))
+    return out
+
+
+def test_sw_step_j_trains_on_exactly_the_targets_of_dti_step_j():
+    args = dti_minimal.parse_args(TINY)
+    ds = dti_minimal.load_dataset(args)
+    plans = {mode: dti_minimal.batches(dti_minimal.train_units(ds, mode, 5, 10), 64, np.random.default_rng(0))
+             for mode in ('sw', 'dti')}
+    assert len(plans['sw']) == len(plans['dti']) > 10
+    assert sorted(len(b) for b in plans['dti']) != [1] * len(plans['dti'])  # batches of several streams
+    for sw_batch, dti_batch in zip(plans['sw'], plans['dti']):
+        sw, dti = [p for u in sw_batch for p in u], [p for u in dti_batch for p in u]
+        assert {int(p['block'].max()) for p in sw} == {5} and data.targets_of(sw) == len(sw)  # SW prompts
+        assert target_blocks(sw) == target_blocks(dti)
+
+
+def test_compare_is_one_run_computed_two_ways_under_isolated_alibi_only(tmp_path):
+    """Paired steps: under isolated + ALiBi (no dropout) every step's loss is the same function of
+    the same weights in both paradigms, so the runs agree to round-off at every step; under
+    window with two layers the DTI steps see past the window, and the runs part."""
+    flags = TINY + ['--mode', 'compare', '--max-train-targets', '600', '--epochs', '4', '--eval-mode', 'dti']
+    iso = dti_minimal.main(flags + ['--out', str(tmp_path / 'isolated')])
+    saved = json.loads((tmp_path / 'isolated' / 'compare.json').read_text())
+    assert len(saved['sw_step_loss']) == len(saved['dti_step_loss']) == saved['sw_steps'] == saved['dti_steps'] > 10
+    assert saved['sweep'][0]['dti_step_loss'] == saved['dti_step_loss']
+    assert iso['max_step_loss_diff'] < 1e-4
+    assert max(abs(a - b) for a, b in zip(iso['sw_step_loss'], iso['dti_step_loss'])) == iso['max_step_loss_diff']
+    window = dti_minimal.main(flags + ['--mask', 'window', '--out', str(tmp_path / 'window')])
+    assert window['max_step_loss_diff'] > 1e-3
+
+
+@pytest.mark.parametrize('slowed,chosen', [('sparse_attention', 'dense'), ('attention_mask', 'sparse')])
+def test_attn_auto_trains_on_the_faster_path(slowed, chosen, monkeypatch):
+    """--attn auto times both exact paths on the run's first batches: slow one of them down and the
+    other is chosen; the timing leaves no gradient behind and the weights as they were."""
+    import time
+    import model as model_module
+    real = getattr(model_module, slowed)
+
+    def slow(*a, **kw):
+        time.sleep(0.05)
+        return real(*a, **kw)
+    monkeypatch.setattr(model_module, slowed, slow)
+    args = dti_minimal.parse_args(TINY + ['--max-train-targets', '300'])
+    ds = dti_minimal.load_dataset(args)
+    units = dti_minimal.train_units(ds, 'dti', args.n, args.k, args.max_train_targets)
+    plan = [(0, i, b) for i, b in enumerate(dti_minimal.batches(units, args.batch_size, np.random.default_rng(0)))]
+    model = dti_minimal.build_model(args)
+    before = {name: p.clone() for name, p in model.named_parameters()}
+    assert dti_minimal.fastest_attention(model, plan, args) == chosen
+    assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_ablation_trains_every_row_from_the_same_weights_and_writes_ablation_json(tmp_path):
+    res = dti_minimal.main(TINY + ['--mode', 'ablation', '--k', '2,10', '--max-train-targets', '300',
+                                   '--eval-mode', 'dti', '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'ablation.json').read_text())
+    assert saved == json.loads(json.dumps(res)) and 0.5 < saved['bayes_auc'] < 1
+    rows = saved['rows']
+    assert [(r['name'], r['k']) for r in rows] == [
+        ('SW, standard', None), ('SW, isolated', None), ('DTI, naive', 2), ('DTI, naive', 10),
+        ('DTI, ALiBi only', 2), ('DTI, ALiBi only', 10), ('DTI, isolation only', 2), ('DTI, isolation only', 10),
+        ('DTI, both', 2), ('DTI, both', 10)]
+    for r in rows:
+        for key in ('mode', 'mask', 'pos', 'test_auc_sw', 'test_logloss_sw', 'test_auc_stream',
+                    'test_logloss_stream', 'valid_auc_sw', 'valid_auc_stream', 'train_seconds',
+                    'median_time_per_target_ms', 'speedup', 'attn'):
+            assert key in r, (r['name'], key)
+        assert r['targets_trained'] == rows[0]['targets_trained']
+    assert rows[0]['mask'] == 'window' and rows[0]['speedup'] == 1.0
+    assert [r['pos'] for r in rows[2:]] == ['learned'] * 2 + ['alibi'] * 2 + ['learned'] * 2 + ['alibi'] * 2
+    isolated, both = rows[1], rows[-1]
+    # 'DTI, both' at the largest k is 'SW, isolated' computed another way: same steps, same scores
+    assert saved['max_step_loss_diff'] < 1e-4
+    assert abs(both['test_auc_sw'] - isolated['test_auc_sw']) < 1e-4
+    # and isolated + ALiBi models score a target the same on its SW prompt as in a stream
+    for r in (isolated, both, rows[-2]):
+        assert abs(r['test_auc_sw'] - r['test_auc_stream']) < 1e-5 and abs(r['test_logloss_sw'] - r['test_logloss_stream']) < 1e-5
