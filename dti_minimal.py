@@ -266,12 +266,13 @@ def fastest_attention(model, plan, args, steps=2, repeats=3):
     """--attn auto: forward + backward of the plan's first `steps` batches on every exact path,
     interleaved, `repeats` times; the path with the smaller median. Gradients are cleared after."""
     times = {attn: [] for attn in ATTENTION_PATHS}
+    first = [{key: v.to(args.device) for key, v in data.collate([p for u in batch for p in u]).items()}
+             for _, _, batch in plan[:steps]]  # collated once, timed 2 x repeats times
     for _ in range(repeats):
         for attn in ATTENTION_PATHS:
             model.config.attn = attn
             t0 = time.perf_counter()
-            for _, _, batch in plan[:steps]:
-                b = {key: v.to(args.device) for key, v in data.collate([p for u in batch for p in u]).items()}
+            for b in first:
                 with autocast(args.device):
                     ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).backward()
             if torch.device(args.device).type == 'cuda':
