@@ -620,12 +620,12 @@ def ablation(args, ds):
         diff = np.abs(np.subtract(r['step_loss'], sw_row['step_loss']))
         r.update(paired_sw_row=sw_row['name'], step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
                  first_step_diff_over_1e4=int(np.argmax(diff > 1e-4)) + 1 if (diff > 1e-4).any() else None)
-    both = paired[-1]
+    both = next(r for r in paired if r['name'] == 'DTI, both')
     test_prompts, test_prob = evals['test_sw']
     res = dict(dataset=args.dataset, n=args.n, k=args.k, targets_trained=standard['targets_trained'],
                steps=standard['steps'], bayes_auc=float(roc_auc_score(target_labels(test_prompts), test_prob))
                if np.isfinite(test_prob).all() else None,
-               max_step_loss_diff=step_loss_diff(isolated['step_loss'], both['step_loss']),
+               max_step_loss_diff=both['step_loss_diff_max'],
                torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, args=vars(args))
     path = write_json(args.out, 'ablation.json', res)
     bayes = '' if res['bayes_auc'] is None else f", Bayes AUC {res['bayes_auc']:.4f}"
