@@ -13,12 +13,18 @@ A user's history is a time-ordered list of blocks `(text_ids, label)`. A prompt 
     role  TEXT, SUM, LABEL or PAD
     label 0/1 at the [SUM] of a target block, -1 everywhere else
 """
+import csv
 import functools
 import hashlib
+import io
+import math
 import os
+import re
+import stat
 import tempfile
 import urllib.request
 import zipfile
+import zlib
 
 import numpy as np
 import torch
@@ -211,8 +217,11 @@ class DataError(Exception):
 MOVIELENS = {  # the official zips and their md5
     'ml-100k': ('https://files.grouplens.org/datasets/movielens/ml-100k.zip', '0e33842e24a9c977be4e0107933c0723'),
     'ml-1m': ('https://files.grouplens.org/datasets/movielens/ml-1m.zip', 'c4d9eecfca2ab87c1945afe126590906'),
-}
-GROUPLENS_FILES = {'ml-100k': ('u.data', 'u.item'), 'ml-1m': ('ratings.dat', 'movies.dat')}
+    'ml-20m': ('https://files.grouplens.org/datasets/movielens/ml-20m.zip', 'cd245b17a1ae2cc31bb14903e1204af3'),
+    'ml-25m': ('https://files.grouplens.org/datasets/movielens/ml-25m.zip', '6b51fb2759a8657d3bfcbfc42b592ada'),
+}  # the md5 GroupLens publishes beside each zip (ml-NAME.zip.md5)
+GROUPLENS_FILES = {'ml-100k': ('u.data', 'u.item'), 'ml-1m': ('ratings.dat', 'movies.dat'),
+                   'ml-20m': ('ratings.csv', 'movies.csv'), 'ml-25m': ('ratings.csv', 'movies.csv')}
 ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy', 'Crime', 'Documentary',
                  'Drama', 'Fantasy', 'Film-Noir', 'Horror', 'Musical', 'Mystery', 'Romance', 'Sci-Fi', 'Thriller',
                  'War', 'Western']  # the 19 genre flags of u.item, in order
@@ -222,22 +231,51 @@ def cache_dir():
     return os.environ.get('DTI_DATA') or os.path.join(os.path.expanduser('~'), '.cache', 'dti-minimal')
 
 
-def _zip_files(path):
-    """{file name: (label, read)} of a zip's files. A zip with an absolute or '..' member is refused."""
+def _unsafe(member):
+    """An absolute or '..' member name: harmless here (members are read, never extracted), but a
+    zip that holds one was made to escape a folder, so it is refused all the same."""
+    parts = member.replace('\\', '/').split('/')
+    return member.startswith(('/', '\\')) or re.match(r'[A-Za-z]:[/\\]', member) or '..' in parts
+
+
+def _zip_files(path, name):
+    """{file name: [(label, read), ...]} of a zip's files. A name that occurs in several folders
+    keeps only its copies in the data set's own folder (`name`/) or at the top level, if any."""
     try:
         z = zipfile.ZipFile(path)
+        members = [m for m in z.infolist() if not m.is_dir()]
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f'{path}: not a zip file ({e})')
-    for m in z.namelist():
-        if m.startswith(('/', '\\')) or '..' in m.replace('\\', '/').split('/') or ':' in m:
-            raise DataError(f'{path}: refusing member {m!r} (absolute path or ..)')
-    return {os.path.basename(m): (f'{path}:{m}', functools.partial(z.read, m))
-            for m in z.namelist() if not m.endswith('/')}
+    files = {}
+    for m in members:
+        if _unsafe(m.filename):
+            raise DataError(f'{path}: refusing member {m.filename!r} (absolute path or ..)')
+        files.setdefault(os.path.basename(m.filename), []).append(m)
+    for base, ms in files.items():
+        own = [m for m in ms if os.path.dirname(m.filename) in (name, '')]
+        files[base] = [(f'{path}:{m.filename}', functools.partial(_read_member, z, m, f'{path}:{m.filename}'))
+                       for m in (own or ms)]
+    return files
+
+
+def _read_member(z, member, label):
+    if member.flag_bits & 1:
+        raise DataError(f'{label}: encrypted; extract it yourself and pass the folder')
+    try:
+        return z.read(member)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as e:
+        raise DataError(f'{label}: cannot be read ({e})')
 
 
 def _read_file(path):
-    with open(path, 'rb') as f:
-        return f.read()
+    """A regular file's bytes (a FIFO or a device would block or never end)."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(f'{path}: not a regular file')
+        with open(path, 'rb') as f:
+            return f.read()
+    except OSError as e:
+        raise DataError(f'{path}: cannot be read ({e.strerror})')
 
 
 def _locate(name, path):
@@ -247,14 +285,18 @@ def _locate(name, path):
     pairs = (('grouplens', GROUPLENS_FILES[name]), ('recbole', (name + '.inter', name + '.item')))
     for p in (path, os.path.join(path, name), os.path.join(path, name + '.zip')):
         if os.path.isdir(p):
-            files = {f: (os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f))) for f in os.listdir(p)}
+            files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))] for f in os.listdir(p)}
         elif os.path.isfile(p):
-            files = _zip_files(p)
+            files = _zip_files(p, name)
         else:
             continue
         for fmt, pair in pairs:
             if all(f in files for f in pair):
-                return fmt, files[pair[0]], files[pair[1]]
+                for f in pair:
+                    if len(files[f]) > 1:
+                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({", ".join(l.split(":")[-1] for l, _ in files[f])}) '
+                                        f'and none in {name}/ or at the top')
+                return fmt, files[pair[0]][0], files[pair[1]][0]
             if any(f in files for f in pair):
                 have, missing = (pair[0], pair[1]) if pair[0] in files else (pair[1], pair[0])
                 raise DataError(f'{p}: has {have} but not {missing}')
@@ -264,8 +306,11 @@ def _locate(name, path):
 def download(name, folder):
     """The official zip into `folder`: to a temporary file, md5 checked, then renamed; nothing else is left."""
     url, md5 = MOVIELENS[name]
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
+    except OSError as e:
+        raise DataError(f'cache folder {folder} cannot be written ({e.strerror}); set $DTI_DATA or pass --data-dir')
     try:
         digest = hashlib.md5()
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=30) as r:
@@ -277,7 +322,7 @@ def download(name, folder):
                     bar.update(len(chunk))
         if digest.hexdigest() != md5:
             raise DataError(f'{url}: md5 {digest.hexdigest()} is not the expected {md5}; nothing was kept')
-        _zip_files(tmp)  # a zip, with safe member names
+        _zip_files(tmp, name)  # a zip, with safe member names
         os.replace(tmp, os.path.join(folder, name + '.zip'))
     except OSError as e:  # urllib's errors are OSErrors
         raise DataError(f'{name}: no files found and the download of {url} failed ({getattr(e, "reason", e)}); '
@@ -304,38 +349,54 @@ def find_movielens(name, data_dir=None):
     return found
 
 
-def _rows(file, sep, encoding, header=False, width=None):
-    """(label, [(line number, fields)]) of a file's non-blank lines, each with `width` fields (by
-    default as many as the first)."""
+def _text(file):
+    """(label, text) of a file: UTF-8 (a byte-order mark dropped), and any line that is not UTF-8
+    read as latin-1, the encoding of GroupLens' older files."""
     label, read = file
+    raw = read()
     try:
-        lines = read().decode(encoding).splitlines()
-    except (OSError, KeyError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise DataError(f'{label}: cannot be read ({e})')
-    rows = [(i, line.split(sep)) for i, line in enumerate(lines, 1) if line.strip()]
+        return label, raw.decode('utf-8-sig')
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for line in raw.removeprefix(b'\xef\xbb\xbf').split(b'\n'):
+        try:
+            lines.append(line.decode('utf-8'))
+        except UnicodeDecodeError:
+            lines.append(line.decode('latin-1'))
+    return label, '\n'.join(lines)
+
+
+def _rows(label, text, sep, header=False, width=None):
+    """[(line number, fields)] of a text's non-blank lines, each with `width` fields (by default
+    as many as the first)."""
+    rows = [(i, line.split(sep)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(rows) <= header:
         raise DataError(f'{label}: empty file')
     width = width or len(rows[0][1])
     for i, fields in rows:
         if len(fields) != width:
             raise DataError(f'{label} line {i}: {len(fields)} fields, expected {width}')
-    return label, rows
+    return rows
 
 
-def _number(label, i, value, what, cast=int, lo=-np.inf, hi=np.inf):
+def _number(label, i, value, what, cast=int, lo=None, hi=None):
+    """One field as a 64-bit integer (cast int) or a finite float (in lo..hi if given), else a
+    one-line DataError naming the file and line."""
     try:
         v = cast(value)
     except ValueError:
         v = None
-    if v is None or not lo <= v <= hi:  # also refuses NaN
-        kind = 'an integer' if cast is int else 'a number' if lo == -np.inf else f'a number in {lo}..{hi}'
+    ok = v is not None and (-2**63 <= v < 2**63 if cast is int else math.isfinite(v)) and (lo is None or lo <= v <= hi)
+    if not ok:
+        kind = 'a 64-bit integer' if cast is int else f'a number in {lo}..{hi}' if lo is not None else 'a finite number'
         raise DataError(f'{label} line {i}: {what} {value!r} is not {kind}')
     return v
 
 
-def _columns(label, rows, wanted):
+def _columns(label, header, wanted):
     """RecBole atomic files: the positions of the wanted columns in the typed header (`name:type`)."""
-    names = [h.split(':')[0] for h in rows[0][1]]
+    names = [h.split(':')[0].strip() for h in header]
     for w in wanted:
         if not any(n in w.split('|') for n in names):
             raise DataError(f'{label} line 1: no {w} column in the header')
@@ -343,48 +404,79 @@ def _columns(label, rows, wanted):
 
 
 def _item_texts(fmt, file):
-    """{item id: 'Title (Year) | Genre, Genre'}."""
+    """{item id: 'Title (Year) | Genre, Genre'}; an id listed twice is an error."""
+    label, text = _text(file)
     if fmt == 'recbole':
-        label, rows = _rows(file, '\t', 'utf-8', header=True)
-        cols = _columns(label, rows, ['item_id', 'movie_title', 'release_year', 'class|genre'])
-        texts = {}
-        for i, fields in rows[1:]:
-            item, title, year, genres = (fields[j] for j in cols)
-            title = f'{title} ({year})' if year.isdigit() else title
-            texts[_number(label, i, item, 'item id')] = f'{title} | {", ".join(genres.split())}'
-        return texts
-    if file[0].endswith('u.item'):  # id|title|release date|video date|url|19 genre flags; latin-1
-        label, rows = _rows(file, '|', 'latin-1', width=5 + len(ML100K_GENRES))
-        return {_number(label, i, f[0], 'item id'):
-                f'{f[1]} | {", ".join(g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == "1")}' for i, f in rows}
-    label, rows = _rows(file, '::', 'latin-1', width=3)  # movies.dat: id::Title (Year)::Genre|Genre
-    return {_number(label, i, f[0], 'item id'): f'{f[1]} | {", ".join(f[2].split("|"))}' for i, f in rows}
+        rows = _rows(label, text, '\t', header=True)
+        cols = _columns(label, rows[0][1], ['item_id', 'movie_title', 'release_year', 'class|genre'])
+        rows = [(i, [f[j] for j in cols]) for i, f in rows[1:]]
+        rows = [(i, (item, f'{title} ({year})' if year.isdigit() else title, genres.split()))
+                for i, (item, title, year, genres) in rows]
+    elif label.endswith('u.item'):  # id|title|release date|video date|url|19 genre flags
+        rows = [(i, (f[0], f[1], [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == '1']))
+                for i, f in _rows(label, text, '|', width=5 + len(ML100K_GENRES))]
+    elif label.endswith('movies.dat'):  # id::Title (Year)::Genre|Genre
+        rows = [(i, (f[0], f[1], f[2].split('|'))) for i, f in _rows(label, text, '::', width=3)]
+    else:  # movies.csv: movieId,title,genres with a header; titles with commas are quoted
+        rows = [(i, f) for i, f in enumerate(csv.reader(text.splitlines()), 1) if f]
+        if len(rows) < 2:
+            raise DataError(f'{label}: empty file')
+        if [h.strip() for h in rows[0][1]] != ['movieId', 'title', 'genres']:
+            raise DataError(f'{label} line 1: expected the header movieId,title,genres')
+        for i, f in rows[1:]:
+            if len(f) != 3:
+                raise DataError(f'{label} line {i}: {len(f)} fields, expected 3 (quote a title that holds a comma)')
+        rows = [(i, (f[0], f[1], f[2].split('|'))) for i, f in rows[1:]]
+    texts, where = {}, {}
+    for i, (item, title, genres) in rows:
+        item = _number(label, i, item, 'item id')
+        if item in texts:
+            raise DataError(f'{label} line {i}: item {item} is listed twice (first on line {where[item]})')
+        texts[item], where[item] = f'{title} | {", ".join(genres)}', i
+    return texts
+
+
+RATINGS_HEADER = ['userId', 'movieId', 'rating', 'timestamp']  # ratings.csv of ml-20m and ml-25m
 
 
 def _ratings(fmt, file, texts, items_label):
-    """(N, 4) float array of user, item, rating, timestamp. Converted in one go; when that fails,
-    line by line to name the first bad line."""
+    """Columns (user, item, rating, time) of the ratings file: int64 ids, float64 ratings and
+    times. Parsed in one go with np.loadtxt; when that fails or a value is out of range, line by
+    line to name the first bad line."""
+    label, text = _text(file)
+    csv_file = label.endswith('.csv')
+    sep = '\t' if fmt == 'recbole' or label.endswith('u.data') else ',' if csv_file else '::'
+    top = 0.5 if csv_file else 1  # ml-20m and ml-25m have half stars from 0.5
+    header = fmt == 'recbole' or csv_file
+    head = text.split('\n', 1)[0].rstrip('\r').split(sep)
+    if not text.strip():
+        raise DataError(f'{label}: empty file')
     if fmt == 'recbole':
-        label, rows = _rows(file, '\t', 'utf-8', header=True)
-        cols, rows = _columns(label, rows, ['user_id', 'item_id', 'rating', 'timestamp']), rows[1:]
-    else:
-        label, rows = _rows(file, '\t' if file[0].endswith('u.data') else '::', 'latin-1', width=4)
-        cols = [0, 1, 2, 3]
+        cols = _columns(label, head, ['user_id', 'item_id', 'rating', 'timestamp'])
+    elif csv_file and [h.strip() for h in head] != RATINGS_HEADER:
+        raise DataError(f'{label} line 1: expected the header {",".join(RATINGS_HEADER)}')
+    cols = cols if fmt == 'recbole' else [0, 1, 2, 3]
+    width = len(head) if header else 4
     try:
-        out = np.array([[f[j] for j in cols] for _, f in rows], dtype=float)          # (N, 4)
-        ok = (np.isfinite(out).all() and (out[:, :2] == np.round(out[:, :2])).all()
-              and ((out[:, 2] >= 1) & (out[:, 2] <= 5)).all())
+        flat = text.replace(sep, '\t') if len(sep) > 1 else text
+        read = lambda use, dtype: np.loadtxt(io.StringIO(flat), delimiter=sep[0] if len(sep) == 1 else '\t', dtype=dtype,
+                                             usecols=use, skiprows=int(header), ndmin=2, comments=None)
+        ids, values = read(cols[:2], np.int64), read(cols[2:], np.float64)          # (N, 2), (N, 2)
+        ok = (len(ids) > 0 and flat.count(sep[0] if len(sep) == 1 else '\t') == (width - 1) * (len(ids) + header)
+              and np.isfinite(values).all() and ((values[:, 0] >= top) & (values[:, 0] <= 5)).all())
     except ValueError:
         ok = False
-    if not ok:
-        for i, f in rows:
-            user, item, rating, time = (f[j] for j in cols)
-            _number(label, i, user, 'user id'), _number(label, i, item, 'item id')
-            _number(label, i, rating, 'rating', float, 1, 5), _number(label, i, time, 'timestamp', float)
-    unknown = np.flatnonzero(~np.isin(out[:, 1], np.array(list(texts))))
+    if not ok:  # line by line: the first bad line is the error
+        rows = _rows(label, text, sep, header=header, width=width)[header:]
+        ids = np.array([[_number(label, i, f[cols[0]], 'user id'), _number(label, i, f[cols[1]], 'item id')]
+                        for i, f in rows], dtype=np.int64).reshape(-1, 2)
+        values = np.array([[_number(label, i, f[cols[2]], 'rating', float, top, 5),
+                            _number(label, i, f[cols[3]], 'timestamp', float)] for i, f in rows]).reshape(-1, 2)
+    unknown = np.flatnonzero(~np.isin(ids[:, 1], np.fromiter(texts, np.int64, len(texts))))
     if len(unknown):
-        raise DataError(f'{label} line {rows[unknown[0]][0]}: item {int(out[unknown[0], 1])} is not in {items_label}')
-    return out
+        line = _rows(label, text, sep, header=header, width=width)[header + unknown[0]][0]
+        raise DataError(f'{label} line {line}: item {ids[unknown[0], 1]} is not in {items_label}')
+    return ids[:, 0], ids[:, 1], values[:, 0], values[:, 1]
 
 
 def movielens(name, data_dir=None):
@@ -393,18 +485,18 @@ def movielens(name, data_dir=None):
     of its own timestamp. There are no true probabilities: prob is NaN."""
     fmt, ratings_file, items_file = find_movielens(name, data_dir)
     texts = _item_texts(fmt, items_file)
-    r = _ratings(fmt, ratings_file, texts, items_file[0])                              # (N, 4)
-    r = r[np.lexsort((r[:, 1], r[:, 3], r[:, 0]))]               # by user, then time, then item
-    split = np.searchsorted(np.quantile(r[:, 3], [0.8, 0.9]), r[:, 3], side='right')  # (N,)
+    user, item, rating, time = _ratings(fmt, ratings_file, texts, items_file[0])        # (N,) each
+    order = np.lexsort((item, time, user))                      # by user, then time, then item
+    user, item, rating, time = user[order], item[order], rating[order], time[order]
+    split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
     ids = {i: encode_text(t) for i, t in texts.items()}
-    starts = np.flatnonzero(np.r_[True, r[1:, 0] != r[:-1, 0]])
+    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
     ds = dict(users=[], split=[], prob=[], item=[], name=name)
-    for a, b in zip(starts, np.r_[starts[1:], len(r)]):
-        items = r[a:b, 1].astype(np.int64)
-        ds['users'].append([(ids[i], int(y >= 4)) for i, y in zip(items.tolist(), r[a:b, 2])])
+    for a, b in zip(starts, np.r_[starts[1:], len(user)]):
+        ds['users'].append([(ids[i], int(y >= 4)) for i, y in zip(item[a:b].tolist(), rating[a:b])])
         ds['split'].append(split[a:b])
         ds['prob'].append(np.full(b - a, np.nan))
-        ds['item'].append(items)
+        ds['item'].append(item[a:b])
     return ds
 
 

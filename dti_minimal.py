@@ -18,6 +18,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from collections import namedtuple
 
@@ -31,7 +32,9 @@ from tqdm import tqdm
 import data
 from model import GPT, GPTConfig, ctr_loss, training_flops
 
-DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m']
+DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m']
+MAX_PLANNED_UNITS = 10_000_000  # epochs x streams: the batch plan of a run is held in memory
+BENCH_MAX_N = 500  # --mode bench: one stream of n + 440 blocks, dense attention over all of it
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them, see main)
 
 # -----------------------------------------------------------------------------
@@ -140,13 +143,26 @@ def check_args(args):
             f'{args.users * args.history[1]} interactions, more than this script generates (at most 12000000)')
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
-    params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + args.block_size * args.n_embd
+    if args.mode == 'bench' and args.n > BENCH_MAX_N:
+        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: --n at most {BENCH_MAX_N}, got {args.n}')
+    if args.mode != 'bench' and args.dataset.startswith('synthetic') and args.n >= args.history[1]:
+        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), so none has a target')
+    params = (data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2
+              + (args.block_size * args.n_embd if args.pos == 'learned' else 0))  # ALiBi has no position table
     memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
         die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
             f'more than this machine\'s {memory / 2**30:.0f} GiB')
-    if not args.lr > 0 or not 0 <= args.dropout < 1:
-        die('--lr must be > 0 and --dropout in [0, 1)')
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        die(f'--lr must be a finite number > 0, got {args.lr}')
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        die(f'--weight-decay must be a finite number >= 0, got {args.weight_decay}')
+    if not 0 <= args.dropout < 1:  # also refuses nan
+        die(f'--dropout must be in [0, 1), got {args.dropout}')
+    if not 0 <= args.seed < 2**63:
+        die(f'--seed must be in 0 .. 2**63-1, got {args.seed}')
+    if not args.out.strip():
+        die('--out must name a folder')
     if args.device == 'auto':
         args.device = ('cuda' if torch.cuda.is_available() else
                        'mps' if torch.backends.mps.is_available() else 'cpu')
@@ -177,6 +193,14 @@ def load_dataset(args):
         ds = data.synthetic(n_users=args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
                             canary=args.dataset.partition('-')[2] or None)
     print(data.describe(ds, args.n))
+    for split, name in ((0, 'train'), (1, 'valid'), (2, 'test')):  # a split without targets fails in prepare
+        labels = np.unique([y for blocks, sp in zip(ds['users'], ds['split'])
+                            for (_, y), s in zip(blocks[args.n:], sp[args.n:]) if s == split])
+        word = 'positive' if len(labels) == 1 and labels[0] else 'negative'
+        if len(labels) == 1 and split == 0:
+            die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
+        if len(labels) == 1:
+            warn(f'the {name} targets are all {word}: their AUC is undefined, null in the results')
     return ds
 
 
@@ -298,15 +322,11 @@ def train(model, units, args, desc='train', ckpt_dir=None, resume=None):
     per_epoch = sum(data.targets_of(u) for u in units)
     plan = [(e, i, batch) for e in range(args.epochs)
             for i, batch in enumerate(batches(units, args.batch_size, rng))]  # (epoch, step in epoch, batch)
-    if args.attn == 'auto':
-        model.config.attn = fastest_attention(model, plan, args)
     start, seen, seconds, records = 0, 0, 0.0, []
     if resume is not None:
-        model.load_state_dict(resume['model'])
-        opt.load_state_dict(resume['optimizer'])
-        start, seen, seconds = resume['step'], resume['seen'], resume['seconds']
-        records = [Step(*r) for r in resume['records']]
-        set_rng_states(resume['rng'])
+        start, seen, seconds, records = restore(resume, model, opt, len(plan))
+    if args.attn == 'auto':  # forward and backward only: the weights and the optimizer stay as they are
+        model.config.attn = fastest_attention(model, plan, args)
     net = torch.compile(model) if getattr(args, 'compile', False) else model
     if WORLD > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
@@ -346,6 +366,25 @@ def train(model, units, args, desc='train', ckpt_dir=None, resume=None):
             save_checkpoint(ckpt_dir, model, opt, step + 1, plan[step][:2], seen, seconds, records, args)
     bar.close()
     return seen, seconds, records
+
+
+def restore(ckpt, model, opt, n_steps):
+    """Load a checkpoint's weights, optimizer and RNG states into this run; returns (step, targets
+    seen, seconds, records). A checkpoint that does not fit is one line, exit 2."""
+    try:
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['optimizer'])
+        for p in model.parameters():  # a foreign optimizer state may load, then fail at its first step
+            for v in opt.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}')
+        records = [Step(*r) for r in ckpt['records']]
+        if not 0 < ckpt['step'] <= n_steps or len(records) != ckpt['step']:
+            raise ValueError(f"step {ckpt['step']} with {len(records)} step records, in a run of {n_steps} steps")
+        set_rng_states(ckpt['rng'])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        die(f"{ckpt['path']}: does not fit this run ({' '.join(str(e).split())[:300]})")
+    return ckpt['step'], ckpt['seen'], ckpt['seconds'], records
 
 
 def median_ms_per_target(records):
@@ -402,10 +441,20 @@ def predict(model, prompts, device=None, max_tokens=32768):
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def auc(labels, scores):
+    """ROC AUC, or None when the labels are all one class (it is undefined then)."""
+    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None
+
+
 def metrics(logits, labels):
     p = 1.0 / (1.0 + np.exp(-logits))
-    return dict(auc=roc_auc_score(labels, p), logloss=log_loss(labels, p, labels=[0, 1]),
-                f1=f1_score(labels, p > 0.5), acc=accuracy_score(labels, p > 0.5))
+    return dict(auc=auc(labels, p), logloss=float(log_loss(labels, p, labels=[0, 1])),
+                f1=float(f1_score(labels, p > 0.5, zero_division=0.0)), acc=float(accuracy_score(labels, p > 0.5)))
+
+
+def warn(msg):
+    if not RANK:
+        print(f'dti_minimal.py: warning: {msg}', file=sys.stderr)
 
 
 def target_labels(prompts):
@@ -421,12 +470,14 @@ def baseline(ds, n):
     overall rate) and the positive rate of the target's n-block window. Returns its test metrics."""
     labels = [np.array([y for _, y in blocks]) for blocks in ds['users']]
     train = np.concatenate(ds['split']) == 0
-    y_all, items = np.concatenate(labels), np.concatenate(ds['item'])
+    _, items = np.unique(np.concatenate(ds['item']), return_inverse=True)  # ids -> 0 .. n_items-1
+    y_all = np.concatenate(labels)
     overall = y_all[train].mean()
     pos = np.bincount(items[train], weights=y_all[train], minlength=items.max() + 1)   # (n_items,)
     count = np.bincount(items[train], minlength=items.max() + 1)                       # (n_items,)
     X, y, split = [], [], []
-    for lab, it, sp in zip(labels, ds['item'], ds['split']):
+    per_user = np.split(items, np.cumsum([len(lab) for lab in labels])[:-1])
+    for lab, it, sp in zip(labels, per_user, ds['split']):
         t = np.arange(n, len(lab))
         if len(t) == 0:
             continue
@@ -457,6 +508,12 @@ def prepare(args, ds, mode, k, evals=None):
     evals = evals or eval_prompts(args, ds, args.eval_mode, k)
     if not units or not all(prompts for prompts, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
+    if args.epochs * len(units) > MAX_PLANNED_UNITS:
+        die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
+            f'before step 1, more than {MAX_PLANNED_UNITS}')
+    labels = np.unique(target_labels([p for u in units for p in u]))
+    if len(labels) < 2:
+        die(f'{ds["name"]}: the train targets are all {"positive" if labels[0] else "negative"}; nothing to learn')
     longest = max(len(p['idx']) for p in [p for u in units for p in u] + [p for e in evals.values() for p in e[0]])
     if args.pos == 'learned' and longest > args.block_size:
         die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
@@ -488,9 +545,8 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
                step_loss=[r.loss for r in records])
     for name, (prompts, prob) in evals.items():
         labels = target_labels(prompts)
-        m = metrics(predict(model, prompts, args.device), labels)
-        res.update({f'{name}_{key}': float(v) for key, v in m.items()})
-        res[f'{name}_bayes_auc'] = float(roc_auc_score(labels, prob)) if np.isfinite(prob).all() else None
+        res.update({f'{name}_{key}': v for key, v in metrics(predict(model, prompts, args.device), labels).items()})
+        res[f'{name}_bayes_auc'] = auc(labels, prob) if np.isfinite(prob).all() else None
     res['bayes_auc'] = res.get('test_bayes_auc')  # None on real data: nobody knows the true probabilities
     res['args'] = vars(args)
     return res, model
@@ -499,13 +555,12 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
 def train_and_report(args, ds, ckpt):
     """--mode sw or dti: train with checkpoints in DIR, evaluate, write results.json, print the table."""
     res, _ = run(args, ds, args.mode, args.k, prepare(args, ds, args.mode, args.k), ckpt_dir=args.out, resume=ckpt)
-    res.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})
+    res.update({f'baseline_test_{key}': v for key, v in baseline(ds, args.n).items()})
     path = write_json(args.out, 'results.json', res)
-    bayes = lambda v: '-' if v is None else f'{v:.4f}'
     print()
     print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
-                [[name, *(f"{res[f'{key}_{m}']:.4f}" for m in ('auc', 'logloss', 'f1', 'acc')),
-                  bayes(res.get(f'{key}_bayes_auc'))]
+                [[name, *(num(res[f'{key}_{m}']) for m in ('auc', 'logloss', 'f1', 'acc')),
+                  num(res.get(f'{key}_bayes_auc'))]
                  for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test'))])
     print(f'test LR: the non-neural baseline, {BASELINE}')
     print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
@@ -524,7 +579,7 @@ def compare(args, ds):
     torch.manual_seed(args.seed)
     init = build_model(args).state_dict()
     sw, _ = run(args, ds, 'sw', args.k[0], sw_prepared, init)
-    sw.update({f'baseline_test_{key}': float(v) for key, v in baseline(ds, args.n).items()})  # once per data set
+    sw.update({f'baseline_test_{key}': v for key, v in baseline(ds, args.n).items()})  # once per data set
     sweep = []
     for k in args.k:
         dti, _ = run(args, ds, 'dti', k, prepared[k], init)
@@ -551,16 +606,16 @@ def compare(args, ds):
           f"medians of step time per target")
     print_table(['', 'path', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'test AUC', 'padding'],
                 [['SW', sw['attn'], f"{sw['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '',
-                  f"{sw['test_auc']:.4f}", f"{sw['padding']:.1%}"]] +
+                  num(sw['test_auc']), f"{sw['padding']:.1%}"]] +
                 [[f"DTI k={r['k']}", r['dti_attn'], f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
-                  f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", f"{r['dti_test_auc']:.4f}",
+                  f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", num(r['dti_test_auc']),
                   f"{r['dti_padding']:.1%}"] for r in sweep])
     print()
     print_table(['', 'test AUC', 'LogLoss', 'F1', 'train s'],
-                [['SW', *(f"{sw[f'test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')), f"{sw['train_seconds']:.1f}"]] +
-                [[f"DTI k={r['k']}", *(f"{r[f'dti_test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')),
+                [['SW', *(num(sw[f'test_{m}']) for m in ('auc', 'logloss', 'f1')), f"{sw['train_seconds']:.1f}"]] +
+                [[f"DTI k={r['k']}", *(num(r[f'dti_test_{m}']) for m in ('auc', 'logloss', 'f1')),
                   f"{r['dti_train_seconds']:.1f}"] for r in sweep] +
-                [['test LR', *(f"{sw[f'baseline_test_{m}']:.4f}" for m in ('auc', 'logloss', 'f1')), '']])
+                [['test LR', *(num(sw[f'baseline_test_{m}']) for m in ('auc', 'logloss', 'f1')), '']])
     print(f'test LR: {BASELINE}')
     print(f"largest difference of SW's and DTI k={first['k']}'s loss at the same step: {res['max_step_loss_diff']:.2e}")
     print(f'wrote {path}')
@@ -623,7 +678,7 @@ def ablation(args, ds):
     both = next(r for r in paired if r['name'] == 'DTI, both')
     test_prompts, test_prob = evals['test_sw']
     res = dict(dataset=args.dataset, n=args.n, k=args.k, targets_trained=standard['targets_trained'],
-               steps=standard['steps'], bayes_auc=float(roc_auc_score(target_labels(test_prompts), test_prob))
+               steps=standard['steps'], bayes_auc=auc(target_labels(test_prompts), test_prob)
                if np.isfinite(test_prob).all() else None,
                max_step_loss_diff=both['step_loss_diff_max'],
                torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, args=vars(args))
@@ -633,8 +688,8 @@ def ablation(args, ds):
           f"test metrics scored on SW prompts and on streams of the row's k (SW rows: k={max(args.k)})")
     print_table(['', 'k', 'mask', 'pos', 'path', 'AUC SW', 'LogLoss SW', 'AUC stream', 'LogLoss stream',
                  'train s', 'ms/target', 'speed-up'],
-                [[r['name'], str(r['k'] or ''), r['mask'], r['pos'], r['attn'], f"{r['test_auc_sw']:.4f}",
-                  f"{r['test_logloss_sw']:.4f}", f"{r['test_auc_stream']:.4f}", f"{r['test_logloss_stream']:.4f}",
+                [[r['name'], str(r['k'] or ''), r['mask'], r['pos'], r['attn'], num(r['test_auc_sw']),
+                  num(r['test_logloss_sw']), num(r['test_auc_stream']), num(r['test_logloss_stream']),
                   f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x"]
                  for r in rows])
     print(f"\nat k={max(args.k)} every DTI row takes the same steps as the SW row with its mask, from the same weights; "
@@ -695,6 +750,8 @@ def bench(args):
 # plumbing: checkpoints, distributed runs, output
 
 CKPT_FORMAT = 'dti-minimal checkpoint v1'
+CKPT_KEYS = dict(model=dict, optimizer=dict, step=int, epoch=int, batch_in_epoch=int, seen=int, seconds=float,
+                 records=list, rng=dict, args=dict)  # what save_checkpoint writes, and its types
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
 RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
             'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
@@ -740,6 +797,10 @@ def load_checkpoint(args):
         die(f'{path}: not a readable checkpoint ({type(e).__name__})')
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
         die(f'{path}: not a dti-minimal checkpoint')
+    for key, kind in CKPT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind):
+            die(f'{path}: a damaged checkpoint ({key!r} is missing or not a {kind.__name__})')
+    ckpt['path'] = path
     for key in SHAPE_ARGS + RUN_ARGS:
         old, new = ckpt['args'].get(key), getattr(args, key)
         if old != new:
@@ -767,24 +828,53 @@ def setup_distributed(args):
         sys.stdout = open(os.devnull, 'w')
 
 
-def writable_folder(path):
-    """True when `path` is, or could be created as, a folder we can write into."""
-    path = os.path.abspath(path)
-    while not os.path.exists(path):
+OUTPUTS = dict(sw=['results.json', 'ckpt.pt'], dti=['results.json', 'ckpt.pt'], compare=['compare.json'],
+               ablation=['ablation.json'], bench=['bench.json'])  # what each mode writes into --out
+
+
+def check_out(args):
+    """--out is, or can be made, a folder we can write into: tried with a temporary folder in its
+    deepest existing ancestor, removed again (nothing is left); no file the run will write, nor its
+    temporary twin, exists there as something other than a file."""
+    path = os.path.abspath(args.out)
+    while not os.path.lexists(path):
         path = os.path.dirname(path)
-    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=path, prefix='.dti-probe-'))
+    except OSError:
+        die(f'output folder {args.out} cannot be written')
+    for name in OUTPUTS[args.mode]:
+        for p in (os.path.join(args.out, name), os.path.join(args.out, name + '.tmp')):
+            if os.path.lexists(p) and not os.path.isfile(p):
+                die(f'{p} exists and is not a file; the run would write it')
+
+
+def finite(obj):
+    """obj with every non-finite float made None: JSON has no NaN or Infinity."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: finite(v) for key, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
 
 
 def write_json(folder, name, obj):
-    """Atomically: a temporary file, then os.replace. Rank 0 only."""
+    """Atomically: a temporary file, then os.replace. Rank 0 only. Strict JSON: NaN becomes null."""
     if RANK:
         return os.path.join(folder, name)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, name + '.tmp')
     with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
+        json.dump(finite(obj), f, indent=2, allow_nan=False)
     os.replace(tmp, os.path.join(folder, name))
     return os.path.join(folder, name)
+
+
+def num(v, spec='.4f'):
+    """A table cell: the number, or '-' for None (an AUC on one class, a Bayes AUC on real data)."""
+    return '-' if v is None else format(v, spec)
 
 
 def print_table(header, rows):
@@ -799,20 +889,26 @@ def print_table(header, rows):
 
 def main(argv=None):
     args = parse_args(argv)
-    if not writable_folder(args.out):
-        die(f'output folder {args.out} cannot be written')
+    check_out(args)
     if args.resume and args.mode not in ('sw', 'dti'):
         die('--resume continues a --mode sw or dti run')
     ckpt = load_checkpoint(args) if args.resume else None
     setup_distributed(args)
-    if args.mode == 'bench':
-        return bench(args)
-    if args.mode in ('compare', 'ablation'):
-        return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
     try:
+        if args.mode == 'bench':
+            return bench(args)
+        if args.mode in ('compare', 'ablation'):
+            return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
         return train_and_report(args, load_dataset(args), ckpt)
+    except KeyboardInterrupt:  # Ctrl-C: what is on disk, and how to go on from it
+        path = os.path.join(args.out, 'ckpt.pt')
+        for name in OUTPUTS[args.mode]:
+            if os.path.isfile(os.path.join(args.out, name + '.tmp')) and not RANK:
+                os.remove(os.path.join(args.out, name + '.tmp'))  # half-written
+        die(f'interrupted; rerun with --resume to continue from {path}' if args.mode in ('sw', 'dti') and
+            os.path.isfile(path) else 'interrupted; no checkpoint was written', code=130)
     finally:
-        if WORLD > 1:
+        if WORLD > 1 and dist.is_initialized():
             dist.destroy_process_group()
 
 

@@ -1,5 +1,6 @@
 """MovieLens loading on tiny fixture files written here, in every format the loader reads: the same
 interactions give the same data set, the CTR rules hold, and every bad input is one line, exit 2."""
+import csv
 import hashlib
 import json
 import os
@@ -53,6 +54,12 @@ def write(folder, fmt, rows, items=ITEMS):
     elif fmt == 'ml-1m':
         put('ratings.dat', [f'{u}::{i}::{r}::{t}' for u, i, r, t in rows], 'latin-1')
         put('movies.dat', [f'{i}::{title}::' + '|'.join(genres) for i, (title, genres) in items.items()], 'latin-1')
+    elif fmt == 'csv':  # ml-20m and ml-25m: headers, UTF-8, titles with a comma quoted
+        put('ratings.csv', ['userId,movieId,rating,timestamp'] + [f'{u},{i},{r},{t}' for u, i, r, t in rows], 'utf-8')
+        with open(os.path.join(folder, 'movies.csv'), 'w', encoding='utf-8', newline='') as f:
+            w = csv.writer(f, lineterminator='\n')
+            w.writerow(['movieId', 'title', 'genres'])
+            w.writerows([i, title, '|'.join(genres)] for i, (title, genres) in items.items())
     return str(folder)
 
 
@@ -72,6 +79,9 @@ def test_every_format_gives_the_same_data_set(tmp_path):
     assert same(ref, data.movielens('ml-100k', write(tmp_path / 'z', 'zip', rows)))
     assert same(ref, data.movielens('ml-100k', write(tmp_path / 'r', 'recbole', rows)))
     assert same(ref, data.movielens('ml-1m', write(tmp_path / 'm', 'ml-1m', rows)))
+    for name in ('ml-20m', 'ml-25m'):
+        assert same(ref, data.movielens(name, write(tmp_path / name, 'csv', rows)))
+    assert '"Misérables, Les (1995)"' in open(tmp_path / 'ml-20m' / 'movies.csv', encoding='utf-8').read()  # quoted
     # a folder holding the extracted ml-100k/ folder, or ml-100k.zip, is found as well
     write(tmp_path / 'parent' / 'ml-100k', 'grouplens', rows)
     assert same(ref, data.movielens('ml-100k', str(tmp_path / 'parent')))
@@ -130,11 +140,17 @@ def cli_error(capsys, folder, dataset='ml-100k'):
 
 @pytest.mark.parametrize('line, message', [
     ('1\t2\t3', 'u.data line 3: 3 fields, expected 4'),
-    ('x\t2\t3\t100', "u.data line 3: user id 'x' is not an integer"),
-    ('1\t2.5\t3\t100', "u.data line 3: item id '2.5' is not an integer"),
+    ('x\t2\t3\t100', "u.data line 3: user id 'x' is not a 64-bit integer"),
+    ('1\t2.5\t3\t100', "u.data line 3: item id '2.5' is not a 64-bit integer"),
+    ('1\t100000000000000000000\t3\t100', "u.data line 3: item id '100000000000000000000' is not a 64-bit integer"),
+    ('9223372036854775808\t2\t3\t100', "u.data line 3: user id '9223372036854775808' is not a 64-bit integer"),
     ('1\t2\t6\t100', "u.data line 3: rating '6' is not a number in 1..5"),
     ('1\t2\t0\t100', "u.data line 3: rating '0' is not a number in 1..5"),
-    ('1\t2\t3\tnoon', "u.data line 3: timestamp 'noon' is not a number"),
+    ('1\t2\t3\tnoon', "u.data line 3: timestamp 'noon' is not a finite number"),
+    ('1\t2\t3\tinf', "u.data line 3: timestamp 'inf' is not a finite number"),
+    ('1\t2\t3\t-inf', "u.data line 3: timestamp '-inf' is not a finite number"),
+    ('1\t2\t3\t1e400', "u.data line 3: timestamp '1e400' is not a finite number"),
+    ('1\t2\tnan\t100', "u.data line 3: rating 'nan' is not a number in 1..5"),
     ('1\t77\t3\t100', 'u.data line 3: item 77 is not in'),
 ])
 def test_malformed_rating_lines(tmp_path, capsys, line, message):
@@ -206,3 +222,166 @@ def test_no_network_no_files_says_where_to_put_them(tmp_path, monkeypatch, capsy
     err = cli_error(capsys, None)
     assert 'download of file:///nowhere/ml-100k.zip failed' in err and f'put ml-100k.zip or its extracted folder in {cache}' in err
     assert os.listdir(cache) == []
+
+
+# -----------------------------------------------------------------------------
+# MovieLens-20M and 25M: GroupLens CSV
+
+
+def test_csv_half_stars_and_labels(tmp_path):
+    rows = [(1, 1 + t % 6, [0.5, 3.5, 4.0, 4.5, 5.0][t % 5], 1000 + t) for t in range(12)]
+    ds = data.movielens('ml-25m', write(tmp_path / 'c', 'csv', rows))
+    assert [y for _, y in ds['users'][0]] == [int(r >= 4) for _, _, r, _ in rows]
+
+
+@pytest.mark.parametrize('name, line, index, message', [
+    ('ratings.csv', 'user,movie,rating,time', 0, 'ratings.csv line 1: expected the header userId,movieId,rating,timestamp'),
+    ('ratings.csv', '1,2,0.25,100', 3, "ratings.csv line 4: rating '0.25' is not a number in 0.5..5"),
+    ('ratings.csv', '1,2,4.5', 3, 'ratings.csv line 4: 3 fields, expected 4'),
+    ('ratings.csv', '1,x,4,100', 3, "ratings.csv line 4: item id 'x' is not a 64-bit integer"),
+    ('ratings.csv', '1,2,4,inf', 3, "ratings.csv line 4: timestamp 'inf' is not a finite number"),
+    ('movies.csv', 'movieId,title', 0, 'movies.csv line 1: expected the header movieId,title,genres'),
+    ('movies.csv', '3,GoldenEye, The (1995),Action', 3, 'movies.csv line 4: 4 fields, expected 3 (quote a title'),
+    ('movies.csv', '1,Toy Story again (1995),Comedy', 3, 'movies.csv line 4: item 1 is listed twice (first on line 2)'),
+])
+def test_csv_bad_lines(tmp_path, capsys, name, line, index, message):
+    folder = write(tmp_path / 'c', 'csv', world())
+    lines = open(os.path.join(folder, name), encoding='utf-8').read().splitlines()
+    lines[index] = line
+    open(os.path.join(folder, name), 'w', encoding='utf-8').write('\n'.join(lines) + '\n')
+    assert message in cli_error(capsys, folder, 'ml-20m')
+
+
+# -----------------------------------------------------------------------------
+# odd but good input loads as meant; hostile input is one line
+
+
+def test_ids_are_exact_64_bit_integers(tmp_path, capsys):
+    """Ids far apart, above 2**53 (where float64 merges neighbours) and negative are just ids; the
+    run, its baseline included, trains and scores on them."""
+    big = {10**12: ITEMS[1], 2**53: ITEMS[2], 2**53 + 1: ITEMS[3], -7: ITEMS[4], 5: ITEMS[5], 6: ITEMS[6]}
+    remap = dict(zip(ITEMS, big))
+    rows = [(2**53 + u % 2 if u <= 2 else u, remap[i], r, t) for u, i, r, t in world(n_users=30, length=30)]
+    folder = write(tmp_path / 'g', 'grouplens', rows, items=big)
+    ds = data.movielens('ml-100k', folder)
+    assert len(ds['users']) == 31  # users 2**53 and 2**53 + 1 stay two users
+    assert sorted(np.unique(np.concatenate(ds['item'])).tolist()) == sorted(big)
+    assert ds['item'][0].dtype == np.int64
+    res = dti_minimal.main(['--dataset', 'ml-100k', '--data-dir', folder, '--n', '3', '--k', '5', '--n-embd', '16',
+                            '--epochs', '1', '--out', str(tmp_path / 'out')])
+    assert 0 <= res['test_auc'] <= 1 and 0 <= res['baseline_test_auc'] <= 1
+
+
+def test_text_encodings_and_byte_order_marks(tmp_path):
+    rows = world()
+    ref = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', rows))
+    folder = write(tmp_path / 'u', 'grouplens', rows)  # one UTF-8 title among latin-1 ones
+    raw = open(os.path.join(folder, 'u.item'), 'rb').read().replace('Misérables'.encode('latin-1'), 'Misérables'.encode())
+    open(os.path.join(folder, 'u.item'), 'wb').write(raw)
+    assert same(ref, data.movielens('ml-100k', folder))
+    folder = write(tmp_path / 'r', 'recbole', rows)
+    for name in ('ml-100k.inter', 'ml-100k.item'):
+        path = os.path.join(folder, name)
+        raw = open(path, 'rb').read()
+        open(path, 'wb').write(b'\xef\xbb\xbf' + raw)
+    assert same(ref, data.movielens('ml-100k', folder))
+
+
+def test_an_item_listed_twice_is_an_error(tmp_path, capsys):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    with open(os.path.join(folder, 'u.item'), 'a', encoding='latin-1') as f:
+        f.write('3|Another title (1990)|||x|' + '|'.join('0' * 19) + '\n')
+    assert 'u.item line 7: item 3 is listed twice (first on line 3)' in cli_error(capsys, folder)
+
+
+def zip_of(path, members, compression=zipfile.ZIP_DEFLATED):
+    with zipfile.ZipFile(path, 'w', compression) as z:
+        for name, text in members.items():
+            z.writestr(name, text)
+    return str(path)
+
+
+def test_zip_members_are_picked_by_the_data_sets_folder(tmp_path):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    files = {name: open(os.path.join(folder, name), 'rb').read() for name in ('u.data', 'u.item')}
+    ref = data.movielens('ml-100k', folder)
+    odd = zip_of(tmp_path / 'odd.zip', {'ml-100k/u.data': files['u.data'], 'ml-100k/u.item': files['u.item'],
+                                        'other/u.data': b'garbage', 'notes:2024.txt': b'a harmless name'})
+    assert same(ref, data.movielens('ml-100k', odd))
+
+
+def test_an_ambiguous_zip_is_one_line(tmp_path, capsys):
+    path = zip_of(tmp_path / 'two.zip', {'a/u.data': '1\t1\t4\t1\n', 'b/u.data': '1\t1\t4\t1\n',
+                                         'a/u.item': '1|t|||x|' + '|'.join('0' * 19) + '\n'})
+    assert 'u.data occurs 2 times (a/u.data, b/u.data) and none in ml-100k/ or at the top' in cli_error(capsys, path)
+
+
+def _corrupt(raw):  # flip bytes inside the first member's deflate stream
+    i = raw.index(b'u.data') + len('u.data')
+    return raw[:i + 20] + bytes(b ^ 0xFF for b in raw[i + 20:i + 60]) + raw[i + 60:]
+
+
+def _encrypted(raw):  # the encryption bit of every header (local and central)
+    for sig, at in ((b'PK\x03\x04', 6), (b'PK\x01\x02', 8)):
+        i = raw.find(sig)
+        while i >= 0:
+            raw = raw[:i + at] + bytes([raw[i + at] | 1]) + raw[i + at + 1:]
+            i = raw.find(sig, i + 4)
+    return raw
+
+
+def _unknown_method(raw):  # compression method 99 in every header
+    for sig, at in ((b'PK\x03\x04', 8), (b'PK\x01\x02', 10)):
+        i = raw.find(sig)
+        while i >= 0:
+            raw = raw[:i + at] + b'\x63\x00' + raw[i + at + 2:]
+            i = raw.find(sig, i + 4)
+    return raw
+
+
+@pytest.mark.parametrize('damage, message', [
+    (_corrupt, 'ml-100k/u.data: cannot be read (Error -3 while decompressing'),
+    (_encrypted, 'ml-100k/u.item: encrypted; extract it yourself'),
+    (_unknown_method, 'ml-100k/u.item: cannot be read (That compression method is not supported)'),
+], ids=['corrupt deflate', 'encrypted', 'unknown compression'])
+def test_damaged_zips_are_one_line(tmp_path, capsys, damage, message):
+    folder = write(tmp_path / 'g', 'grouplens', world(n_users=40))
+    path = zip_of(tmp_path / 'ml-100k.zip', {f'ml-100k/{name}': open(os.path.join(folder, name), 'rb').read()
+                                             for name in ('u.data', 'u.item')})
+    raw = open(path, 'rb').read()
+    open(path, 'wb').write(damage(raw))
+    assert message in cli_error(capsys, path)
+
+
+def test_a_fifo_is_refused_not_read(tmp_path, capsys):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    os.remove(os.path.join(folder, 'u.data'))
+    os.mkfifo(os.path.join(folder, 'u.data'))  # opening it would block until a writer comes
+    assert 'u.data: not a regular file' in cli_error(capsys, folder)
+
+
+def test_a_cache_folder_under_a_file_is_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'file').write_text('x')
+    monkeypatch.setenv('DTI_DATA', str(tmp_path / 'file' / 'cache'))
+    assert f'cache folder {tmp_path / "file" / "cache"} cannot be written' in cli_error(capsys, None)
+
+
+@pytest.mark.parametrize('rating, word', [(4, 'positive'), (2, 'negative')])
+def test_one_class_train_targets_stop_before_training(tmp_path, capsys, rating, word):
+    rows = [(u, i, rating, t) for u, i, _, t in world()]
+    assert f'ml-100k: the train targets are all {word}; nothing to learn' in cli_error(
+        capsys, write(tmp_path / 'g', 'grouplens', rows))
+
+
+def test_a_one_class_test_split_gives_null_auc_and_a_warning(tmp_path, capsys):
+    rows = world(n_users=30, length=30)
+    cut = np.quantile([t for *_, t in rows], 0.9)
+    rows = [(u, i, 5 if t > cut else r, t) for u, i, r, t in rows]  # every test interaction liked
+    out = tmp_path / 'out'
+    dti_minimal.main(['--dataset', 'ml-100k', '--data-dir', write(tmp_path / 'g', 'grouplens', rows), '--n', '3',
+                      '--k', '5', '--n-embd', '16', '--epochs', '1', '--out', str(out)])
+    err = capsys.readouterr().err
+    assert 'warning: the test targets are all positive: their AUC is undefined, null in the results' in err
+    res = json.loads((out / 'results.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in JSON'))
+    assert res['test_auc'] is None and res['baseline_test_auc'] is None and 0 <= res['valid_auc'] <= 1
+    assert res['test_logloss'] >= 0 and res['test_acc'] >= 0

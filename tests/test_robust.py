@@ -120,6 +120,21 @@ BAD = [
     (['--resume'], '--resume: no checkpoint at'),
     (['--resume', '--mode', 'compare'], '--resume continues a --mode sw or dti run'),
     (['--resume', '--mode', 'ablation'], '--resume continues a --mode sw or dti run'),
+    # non-finite or out-of-range numbers, refused before any work
+    (['--lr', 'inf'], '--lr must be a finite number > 0, got inf'),
+    (['--lr', 'nan'], '--lr must be a finite number > 0, got nan'),
+    (['--weight-decay', 'nan'], '--weight-decay must be a finite number >= 0, got nan'),
+    (['--weight-decay', '-1'], '--weight-decay must be a finite number >= 0, got -1.0'),
+    (['--dropout', 'nan'], '--dropout must be in [0, 1), got nan'),
+    (['--seed', '-1'], '--seed must be in 0 .. 2**63-1, got -1'),
+    (['--seed', str(2**64)], f'--seed must be in 0 .. 2**63-1, got {2**64}'),
+    # flags that would ask for unbounded work or memory
+    (['--n', str(10**12)], f'--n {10**12}: no synthetic user has more than 120 interactions'),
+    (['--mode', 'bench', '--n', str(10**6)], '--n at most 500, got 1000000'),
+    (['--epochs', str(10**9)], f'--epochs {10**9} over 288 streams plans 288000000000 stream draws before step 1'),
+    # output folders that cannot take the results
+    (['--out', ''], '--out must name a folder'),
+    (['--out', '/proc/x'], 'output folder /proc/x cannot be written'),
 ]
 
 
@@ -127,7 +142,22 @@ BAD = [
 def test_bad_input_is_one_line_exit_2(flags, message, tmp_path, capsys):
     out = tmp_path / 'out'
     assert message in one_line_error(capsys, TINY + ['--out', str(out), *flags])
-    assert not out.exists()  # nothing written, not even the folder
+    assert not out.exists() and os.listdir(tmp_path) == []  # nothing written, not even the folder
+
+
+def test_odd_but_good_flags_are_taken(tmp_path):
+    """ALiBi has no position table, so a huge --block-size costs nothing; --weight-decay 0 is plain Adam."""
+    args = dti_minimal.parse_args(TINY + ['--block-size', str(10**9), '--weight-decay', '0'])
+    assert sum(p.numel() for p in dti_minimal.build_model(args).parameters()) < 3e6
+
+
+@pytest.mark.parametrize('mode,name', [('dti', 'ckpt.pt'), ('dti', 'results.json'), ('dti', 'ckpt.pt.tmp'),
+                                       ('compare', 'compare.json')])
+def test_an_output_file_shadowed_by_a_folder_is_refused_before_training(mode, name, tmp_path, capsys):
+    (tmp_path / name).mkdir()
+    assert f'{tmp_path / name} exists and is not a file' in one_line_error(
+        capsys, TINY + ['--mode', mode, '--out', str(tmp_path)])
+    assert os.listdir(tmp_path) == [name]
 
 
 @pytest.mark.parametrize('mode', ['compare', 'ablation', 'bench'])
@@ -168,6 +198,61 @@ def test_corrupt_or_foreign_checkpoint(content, message, tmp_path, capsys):
         (tmp_path / 'ckpt.pt').write_bytes(content)
     assert message in one_line_error(capsys, TINY + ['--out', str(tmp_path), '--resume'])
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']
+
+
+def _no_records(c):
+    c['records'] = []
+
+
+def _truncated_weights(c):
+    c['model'].pop('transformer.h.1.attn.c_attn.weight')
+
+
+def _wrong_shape(c):
+    c['model']['transformer.ln_f.weight'] = torch.ones(5)
+
+
+def _foreign_optimizer(c):  # the state of another model's AdamW: right groups, wrong shapes
+    for state in c['optimizer']['state'].values():
+        state['exp_avg'] = torch.zeros(3, 3)
+
+
+def _sgd_optimizer(c):
+    c['optimizer'] = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1).state_dict()
+
+
+@pytest.mark.parametrize('damage,message', [
+    (lambda c: c.pop('optimizer'), "a damaged checkpoint ('optimizer' is missing or not a dict)"),
+    (lambda c: c.update(step='7'), "a damaged checkpoint ('step' is missing or not a int)"),
+    (_no_records, 'does not fit this run (step'),
+    (_truncated_weights, 'does not fit this run (Error(s) in loading state_dict for GPT: Missing key(s)'),
+    (_wrong_shape, 'does not fit this run (Error(s) in loading state_dict for GPT: size mismatch'),
+    (_foreign_optimizer, 'does not fit this run (an optimizer state of shape (3, 3)'),
+    (_sgd_optimizer, 'does not fit this run ('),
+], ids=['missing key', 'wrong type', 'no records', 'truncated weights', 'wrong shape', 'foreign AdamW', 'SGD'])
+def test_a_damaged_checkpoint_is_one_line(damage, message, checkpoint_dir, tmp_path, capsys):
+    ckpt = torch.load(checkpoint_dir / 'ckpt.pt', weights_only=True)
+    damage(ckpt)
+    torch.save(ckpt, tmp_path / 'ckpt.pt')
+    assert message in one_line_error(capsys, TINY + ['--max-train-targets', '200', '--out', str(tmp_path), '--resume'])
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt']
+
+
+def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_run_resumes(tmp_path):
+    flags = TINY + ['--epochs', '2', '--ckpt-every', '5', '--attn', 'sparse', '--out', str(tmp_path)]
+    p = subprocess.Popen([sys.executable, 'dti_minimal.py', *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    while not (tmp_path / 'ckpt.pt').exists() and p.poll() is None:
+        time.sleep(0.005)
+    p.send_signal(signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if 'it/s' not in line and 'target/s' not in line and line.strip()]
+    assert p.returncode == 130 and 'Traceback' not in err, err
+    assert lines[-1] == f'dti_minimal.py: error: interrupted; rerun with --resume to continue from {tmp_path / "ckpt.pt"}'
+    assert not list(tmp_path.glob('*.tmp')) and not (tmp_path / 'results.json').exists()
+    r = cli(*flags, '--resume')
+    assert r.returncode == 0, r.stderr
+    assert results(tmp_path)['steps'] == torch.load(tmp_path / 'ckpt.pt', weights_only=True)['step']  # all of them
 
 
 @pytest.mark.parametrize('device', DEVICES)
