@@ -104,30 +104,134 @@ def targets_of(prompts):
     return sum(int((p['label'] >= 0).sum()) for p in prompts)
 
 # -----------------------------------------------------------------------------
-# data sets: a dict with
-#   users  list of histories; a history is a time-ordered list of blocks (text_ids, label)
-#   split  per user, the split of each interaction: 0 train, 1 valid, 2 test (non-decreasing)
-#   prob   per user, P(click | what the target's window shows) of each interaction (NaN if unknown)
-#   item   per user, the item id of each interaction
-#   name   the data set's name
+# data sets, columnar. Users one after another, each user's interactions in time order, one block
+# each; a data set is a dict of flat arrays over all blocks:
+#   tokens       int32, the text token ids of every block, concatenated
+#   token_start  int64 (blocks + 1,): block b's text is tokens[token_start[b]:token_start[b + 1]]
+#   label        int8, 1 clicked (liked), 0 not
+#   item         int64, the item id
+#   split        int8, 0 train, 1 valid, 2 test (non-decreasing within a user)
+#   prob         float64, P(click | what the target's window shows), NaN where nobody knows it
+#   user_start   int64 (users + 1,): user u's blocks are user_start[u] .. user_start[u + 1] - 1
+#   name         the data set's name
+# A prompt or a stream is then a *reference* (first, end, first_target): blocks first .. end-1 of
+# one user, the targets from first_target on. collate_refs builds a batch's padded tensors from
+# its references, so nothing ever holds every prompt: memory grows with the data, not with n.
+
+
+def build_dataset(name, texts, text_of_block, label, item, split, prob, lengths):
+    """The columnar data set of per-block arrays and users' lengths; `texts` are the distinct
+    item texts (each tokenized once) and text_of_block indexes them."""
+    ids = [encode_text(t) for t in tqdm(texts, desc='tokenize', unit='text', leave=False, disable=None)]
+    text_len = np.array([len(i) for i in ids], dtype=np.int64)                     # (texts,)
+    text_tokens = np.array([t for i in ids for t in i], dtype=np.int32)
+    text_start = np.r_[0, np.cumsum(text_len)]
+    L = text_len[text_of_block]                                                    # (blocks,)
+    token_start = np.r_[0, np.cumsum(L)]
+    tokens = np.empty(token_start[-1], dtype=np.int32)
+    for a in range(0, len(L), 1 << 20):  # in chunks of blocks: the index arrays stay small
+        b = min(a + (1 << 20), len(L))
+        within = np.arange(token_start[a], token_start[b]) - np.repeat(token_start[a:b], L[a:b])
+        tokens[token_start[a]:token_start[b]] = text_tokens[np.repeat(text_start[text_of_block[a:b]], L[a:b]) + within]
+    return dict(tokens=tokens, token_start=token_start, label=np.asarray(label, dtype=np.int8),
+                item=np.asarray(item, dtype=np.int64), split=np.asarray(split, dtype=np.int8),
+                prob=np.asarray(prob, dtype=np.float64), user_start=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+                name=name)
+
+
+def from_histories(histories, splits, probs=None, items=None, name='histories'):
+    """A data set from per-user lists of blocks (text ids, label), the readable form that
+    sw_prompts and dti_streams take, with each block's split (and true probability, item id)."""
+    lengths = [len(h) for h in histories]
+    L = np.array([len(ids) for h in histories for ids, _ in h], dtype=np.int64)
+    cat = lambda xs, fill, dtype: np.concatenate([np.asarray(x, dtype) for x in xs]) if xs is not None else \
+        np.full(len(L), fill, dtype)
+    return dict(tokens=np.array([t for h in histories for ids, _ in h for t in ids], dtype=np.int32),
+                token_start=np.r_[0, np.cumsum(L)], label=np.array([y for h in histories for _, y in h], np.int8),
+                item=cat(items, -1, np.int64), split=cat(splits, 0, np.int8), prob=cat(probs, np.nan, np.float64),
+                user_start=np.r_[0, np.cumsum(lengths)].astype(np.int64), name=name)
+
+
+def history(ds, u):
+    """User u's history as the list of blocks (text ids, label) that sw_prompts and dti_streams take."""
+    a, b = ds['user_start'][u], ds['user_start'][u + 1]
+    t = ds['token_start']
+    return [(ds['tokens'][t[i]:t[i + 1]].tolist(), int(ds['label'][i])) for i in range(a, b)]
+
+
+def positions(ds):
+    """Each block's index within its user's history."""
+    lengths = np.diff(ds['user_start'])
+    return np.arange(len(ds['label'])) - np.repeat(ds['user_start'][:-1], lengths)
 
 
 def segments(ds, split, n):
     """The runs of blocks whose targets are the interactions of `split`, one run per user, each
     with the n blocks before its first target as context (history is history, whatever its split).
-    Returns (runs, prob): the runs for sw_prompts / dti_streams and the targets' true probabilities
-    in the same order as those functions emit the targets."""
-    runs, prob = [], []
-    for blocks, sp, p in zip(ds['users'], ds['split'], ds['prob']):
-        where = np.flatnonzero(np.asarray(sp) == split)
-        if len(where) == 0:
-            continue
-        a, b = max(int(where[0]), n), int(where[-1]) + 1
-        if a >= b:
-            continue
-        runs.append(blocks[a - n:b])
-        prob.extend(p[a:b])
-    return runs, np.array(prob)
+    Returns (runs, prob): runs as (start, end) block ranges, n context blocks first, and the
+    targets' true probabilities in the order that sw_refs and dti_refs emit the targets."""
+    at = np.flatnonzero(ds['split'] == split)               # a user's blocks of one split are contiguous
+    user = np.searchsorted(ds['user_start'], at, side='right') - 1
+    new = np.r_[True, user[1:] != user[:-1]][:len(at)]     # the first block of each user's run
+    starts, ends, user = at[new], at[np.r_[new[1:], True][:len(at)]] + 1, user[new]
+    first = np.maximum(starts, ds['user_start'][user] + n)  # the first target has n predecessors
+    keep = first < ends
+    runs = np.stack([first[keep] - n, ends[keep]], axis=1) if keep.any() else np.zeros((0, 2), np.int64)
+    prob = np.concatenate([ds['prob'][a + n:b] for a, b in runs]) if len(runs) else np.zeros(0)
+    return runs, prob
+
+
+def sw_refs(runs, n):
+    """sw_prompts over runs, as references: one per target t, blocks t-n .. t."""
+    t = np.concatenate([np.arange(a + n, b) for a, b in runs]) if len(runs) else np.zeros(0, np.int64)
+    return np.stack([t - n, t + 1, t], axis=1)
+
+
+def dti_refs(runs, n, k):
+    """dti_streams over runs, as references: one per k consecutive targets s .. s+k-1, blocks s-n .. s+k-1."""
+    s = [np.arange(a + n, b, k) for a, b in runs]
+    s, end = (np.concatenate(s), np.concatenate([np.minimum(x + k, b) for x, (_, b) in zip(s, runs)])) if s else \
+        (np.zeros(0, np.int64), np.zeros(0, np.int64))
+    return np.stack([s - n, end, s], axis=1)
+
+
+def ref_tokens(ds, refs):
+    """Tokens of each referenced prompt: its text tokens plus [SUM] and a label token per block."""
+    first, end = refs[:, 0], refs[:, 1]
+    return ds['token_start'][end] - ds['token_start'][first] + 2 * (end - first)
+
+
+def ref_labels(ds, refs):
+    """The labels of the references' targets, in order."""
+    return np.concatenate([ds['label'][t:e] for _, e, t in refs]).astype(np.int64) if len(refs) else np.zeros(0, np.int64)
+
+
+def collate_refs(ds, refs):
+    """References (first, end, first_target) -> the (B, T) tensors that collate() gives for the
+    prompts they stand for, built straight from the flat arrays (the tests check token for token)."""
+    refs = np.asarray(refs, dtype=np.int64).reshape(-1, 3)
+    first, end, first_target = refs.T
+    nb = end - first                                                         # (B,) blocks per prompt
+    row = np.repeat(np.arange(len(refs)), nb)                                # (N,) prompt of each block
+    blk = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + first[row]  # (N,) global block
+    L = ds['token_start'][blk + 1] - ds['token_start'][blk]                  # (N,) text tokens
+    w = L + 2                                                                # (N,) + [SUM] + label token
+    g = np.cumsum(w) - w                                                     # block starts, rows laid end to end
+    col = g - g[(np.cumsum(nb) - nb)[row]]                                   # (N,) block start in its row
+    tb = np.repeat(np.arange(len(blk)), w)                                   # (tokens,) block of each token
+    j = np.arange(len(tb)) - g[tb]                                           # (tokens,) place in its block
+    Lt, lab = L[tb], ds['label'][blk][tb]
+    at = np.minimum(ds['token_start'][blk][tb] + j, len(ds['tokens']) - 1)            # clipped: read only where j < L
+    text = ds['tokens'][at] if len(ds['tokens']) else np.zeros_like(at)
+    T = int((np.bincount(row, weights=w, minlength=len(refs))).max())
+    out = dict(idx=np.full((len(refs), T), PAD_ID, np.int64), block=np.full((len(refs), T), -1, np.int64),
+               role=np.full((len(refs), T), PAD, np.int64), label=np.full((len(refs), T), -1, np.int64))
+    r, c = row[tb], col[tb] + j
+    out['idx'][r, c] = np.where(j < Lt, text, np.where(j == Lt, SUM_ID, np.where(lab == 1, YES_ID, NO_ID)))
+    out['block'][r, c] = (blk - first[row])[tb]
+    out['role'][r, c] = np.where(j < Lt, TEXT, np.where(j == Lt, SUM, LABEL))
+    out['label'][r, c] = np.where((j == Lt) & (blk >= first_target[row])[tb], lab, -1)
+    return {key: torch.from_numpy(v) for key, v in out.items()}
 
 
 GENRES = ['Action', 'Comedy', 'Drama', 'Horror', 'Romance', 'Sci-Fi', 'Thriller', 'Western']
@@ -156,55 +260,77 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
       'future'  the label of interaction t is written into the text of interaction t+1
       'far'     every item text carries a random marker; the label of t also depends on the marker
                 of interaction t-n-1, outside t's window (prob is then averaged over that marker)
+
+    Users are drawn together, a chunk at a time, stepping through time: a label depends on the
+    labels before it, so time is the one loop (10M interactions take about a minute).
     """
     assert canary in (None, 'future', 'far'), canary
     rng = np.random.default_rng(seed)
+    G = len(GENRES)
     adj_appeal, noun_appeal = rng.normal(0.0, 1.0, len(ADJECTIVES)), rng.normal(0.0, 1.0, len(NOUNS))
     pairs = [divmod(int(i), len(NOUNS)) for i in rng.permutation(len(ADJECTIVES) * len(NOUNS))[:n_items]]
-    genre = rng.integers(0, len(GENRES), n_items)
+    genre = rng.integers(0, G, n_items)
     item_logit = (pop_weight * np.array([adj_appeal[a] + noun_appeal[b] for a, b in pairs]) / np.sqrt(2)
-                  + genre_weight * rng.normal(0.0, 1.0, len(GENRES))[genre])          # (n_items,)
-    text = [f'{ADJECTIVES[a]} {NOUNS[b]} | {GENRES[g]}' for (a, b), g in zip(pairs, genre)]
-    by_genre = [np.flatnonzero(genre == g) for g in range(len(GENRES))]
-    exposure = [np.exp(0.5 * item_logit[items]) / np.exp(0.5 * item_logit[items]).sum() for items in by_genre]
+                  + genre_weight * rng.normal(0.0, 1.0, G)[genre])                    # (n_items,)
+    # items by genre, each genre's exposure (popular items are shown more) summing to 1: genre g's
+    # items fill [g, g + 1) of one cumulative table, so one searchsorted draws an item of any genre
+    by_genre = np.argsort(genre, kind='stable')                                      # (n_items,)
+    exposure = np.exp(0.5 * item_logit[by_genre])
+    exposure /= np.bincount(genre, weights=np.exp(0.5 * item_logit), minlength=G)[genre[by_genre]]
+    cum = np.concatenate([g + np.cumsum(exposure[genre[by_genre] == g]) for g in range(G)])  # (n_items,)
+    last_of = np.cumsum(np.bincount(genre, minlength=G)) - 1                          # (G,) each genre's last item
+    first_of = last_of + 1 - np.bincount(genre, minlength=G)                          # (G,) and its first
+    present = np.bincount(genre, minlength=G) > 0                                     # a genre without items is never watched
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
 
-    users, splits, probs, item_ids = [], [], [], []
-    for _ in range(n_users):
-        m = int(rng.integers(min_len, max_len + 1))
-        taste = np.cumsum(rng.normal(0.0, 0.3, (m, len(GENRES))), axis=0) + rng.normal(0.0, 1.0, len(GENRES))
-        marks = rng.integers(0, 2, m + n + 1)  # 'far' markers; index t+n+1 belongs to interaction t
-        seen, labels, prob = [], [], []
-        for t in range(m):
-            g = rng.choice(len(GENRES), p=np.exp(taste[t]) / np.exp(taste[t]).sum())
-            i = int(rng.choice(by_genre[g], p=exposure[g]))
-            window = labels[max(0, t - n):t]
-            z = item_logit[i] + mood_weight * (2 * np.mean(window) - 1 if window else 0.0)
+    lengths = rng.integers(min_len, max_len + 1, n_users)                             # (users,)
+    label, item, split, prob, variant = [], [], [], [], []
+    chunk = max(1, 2_000_000 // (max_len * G))                                        # users drawn together
+    bar = tqdm(total=int(lengths.sum()), desc='synthetic', unit='interaction', leave=False, disable=None)
+    for u0 in range(0, n_users, chunk):
+        m = lengths[u0:u0 + chunk]                                                    # (U,)
+        U, M = len(m), int(m.max())
+        taste = np.cumsum(rng.normal(0.0, 0.3, (U, M, G)), axis=1) + rng.normal(0.0, 1.0, (U, 1, G))  # (U, M, G)
+        p = np.where(present, np.exp(taste), 0.0)
+        p /= p.sum(-1, keepdims=True)
+        g = np.minimum((np.cumsum(p, -1) < rng.random((U, M, 1))).sum(-1), G - 1)    # (U, M) watched genre
+        at = np.searchsorted(cum, g + rng.random((U, M)), side='right')               # round-off kept in genre g:
+        i = by_genre[np.clip(at, first_of[g], last_of[g])]                            # (U, M) watched item
+        marks = rng.integers(0, 2, (U, M + n + 1))           # 'far' markers; index t+n+1 belongs to interaction t
+        liked = np.zeros((U, M + 1), dtype=np.int64)         # liked[:, t]: likes among interactions 0 .. t-1
+        y, pr = np.zeros((U, M), dtype=np.int8), np.zeros((U, M))
+        coins = rng.random((U, M))
+        for t in range(M):
+            w = min(t, n)                                    # the window: interactions t-w .. t-1
+            mood = 2 * (liked[:, t] - liked[:, t - w]) / w - 1 if w else 0.0
+            z = item_logit[i[:, t]] + mood_weight * mood
             if canary == 'far':  # marker of t-n-1 (a hidden coin when t-n-1 < 0) is outside the window
-                p_true = sig(z + far_weight * (2 * marks[t] - 1))
-                p = 0.5 * (sig(z + far_weight) + sig(z - far_weight))
+                p_true = sig(z + far_weight * (2 * marks[:, t] - 1))
+                pr[:, t] = 0.5 * (sig(z + far_weight) + sig(z - far_weight))
             else:
-                p_true = p = sig(z)
-            seen.append(i)
-            labels.append(int(rng.random() < p_true))
-            prob.append(p)
-        blocks = []
-        for t, i in enumerate(seen):
-            s = text[i]
-            if canary == 'future' and t > 0:
-                s += MARKS[labels[t - 1]]
-            if canary == 'far':
-                s += MARKS[marks[t + n + 1]]
-            blocks.append((s, labels[t]))
-        times = np.sort(rng.random(m))  # interaction times in [0, 1): split at 0.8 and 0.9
-        users.append(blocks)
-        splits.append(np.searchsorted([0.8, 0.9], times, side='right'))
-        probs.append(np.array(prob))
-        item_ids.append(np.array(seen))
-    ids = {s: encode_text(s) for s in {s for blocks in users for s, _ in blocks}}  # each text once
-    users = [[(ids[s], y) for s, y in blocks] for blocks in users]
-    return dict(users=users, split=splits, prob=probs, item=item_ids,
-                name='synthetic' + (f'-{canary}' if canary else ''))
+                p_true = pr[:, t] = sig(z)
+            y[:, t] = coins[:, t] < p_true
+            liked[:, t + 1] = liked[:, t] + y[:, t]
+        times = np.where(np.arange(M) < m[:, None], rng.random((U, M)), 2.0)
+        times.sort(axis=1)                                   # interaction times in [0, 1): split at 0.8 and 0.9
+        v = np.zeros((U, M), dtype=np.int8)                  # the text's marker: 0 none, 1 sun, 2 moon
+        if canary == 'future':
+            v[:, 1:] = 1 + y[:, :-1]
+        if canary == 'far':
+            v = (1 + marks[:, n + 1:]).astype(np.int8)
+        real = np.arange(M) < m[:, None]                     # (U, M): the users' own interactions
+        label.append(y[real]), item.append(i[real]), prob.append(pr[real]), variant.append(v[real])
+        split.append(np.searchsorted([0.8, 0.9], times[real], side='right').astype(np.int8))
+        bar.update(int(m.sum()))
+    bar.close()
+    item, variant = np.concatenate(item), np.concatenate(variant)
+    texts, text_of_block = np.unique(item * 3 + variant, return_inverse=True)    # the distinct texts
+    del variant
+    names = [f'{ADJECTIVES[pairs[t // 3][0]]} {NOUNS[pairs[t // 3][1]]} | {GENRES[genre[t // 3]]}'
+             + ['', *MARKS][t % 3] for t in texts.tolist()]
+    return build_dataset('synthetic' + (f'-{canary}' if canary else ''), names, text_of_block.ravel(),
+                         np.concatenate(label), item, np.concatenate(split), np.concatenate(prob), lengths)
+
 
 # -----------------------------------------------------------------------------
 # MovieLens: label = rating >= 4, histories in time order, split by global time at 80% / 90%
@@ -484,28 +610,26 @@ def movielens(name, data_dir=None):
     by item id); split by global time at its 80% and 90% quantiles, each interaction into the split
     of its own timestamp. There are no true probabilities: prob is NaN."""
     fmt, ratings_file, items_file = find_movielens(name, data_dir)
-    texts = _item_texts(fmt, items_file)
-    user, item, rating, time = _ratings(fmt, ratings_file, texts, items_file[0])        # (N,) each
+    with tqdm(total=2, desc=f'read {name}', unit='file', leave=False, disable=None) as bar:
+        texts = _item_texts(fmt, items_file)
+        bar.update()
+        user, item, rating, time = _ratings(fmt, ratings_file, texts, items_file[0])    # (N,) each
+        bar.update()
     order = np.lexsort((item, time, user))                      # by user, then time, then item
     user, item, rating, time = user[order], item[order], rating[order], time[order]
     split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
-    ids = {i: encode_text(t) for i, t in texts.items()}
-    starts = np.flatnonzero(np.r_[True, user[1:] != user[:-1]])
-    ds = dict(users=[], split=[], prob=[], item=[], name=name)
-    for a, b in zip(starts, np.r_[starts[1:], len(user)]):
-        ds['users'].append([(ids[i], int(y >= 4)) for i, y in zip(item[a:b].tolist(), rating[a:b])])
-        ds['split'].append(split[a:b])
-        ds['prob'].append(np.full(b - a, np.nan))
-        ds['item'].append(item[a:b])
-    return ds
+    keys = np.sort(np.fromiter(texts, np.int64, len(texts)))                       # item ids, sorted
+    lengths = np.diff(np.r_[np.flatnonzero(np.r_[True, user[1:] != user[:-1]]), len(user)])  # per user
+    return build_dataset(name, [texts[i] for i in keys.tolist()], np.searchsorted(keys, item), rating >= 4, item,
+                         split, np.full(len(item), np.nan), lengths)
 
 
 def describe(ds, n):
     """One paragraph of statistics: users, items, interactions, positive rate, targets, tokens per block."""
-    labels = np.array([y for blocks in ds['users'] for _, y in blocks])
-    tokens = np.array([len(ids) + 2 for blocks in ds['users'] for ids, _ in blocks])
-    targets = np.bincount(np.concatenate([np.asarray(s)[n:] for s in ds['split']]), minlength=3)
-    return (f"{ds['name']}: {len(ds['users'])} users, {len(np.unique(np.concatenate(ds['item'])))} items, "
-            f"{len(labels)} interactions, {labels.mean():.1%} positive; targets with n={n} predecessors: "
+    targets = np.bincount(ds['split'][positions(ds) >= n], minlength=3)
+    tokens = np.diff(ds['token_start']) + 2
+    return (f"{ds['name']}: {len(ds['user_start']) - 1} users, {len(np.unique(ds['item']))} items, "
+            f"{len(ds['label'])} interactions, {ds['label'].mean():.1%} positive; targets with n={n} predecessors: "
             f"train {targets[0]}, valid {targets[1]}, test {targets[2]}; tokens per block: "
             f"mean {tokens.mean():.1f}, max {tokens.max()}")
+

@@ -91,6 +91,7 @@ def parse_args(argv=None):
         help='targets per DTI stream (default 50); with --mode compare or ablation a list such as 1,5,50 '
              'sweeps k (ablation default: 5,50)')
     add('--max-train-targets', type=int, default=None, help='train on the first N targets only')
+    add('--max-eval-targets', type=int, default=None, help='score valid and test on their first N targets only')
     # model
     add('--mask', choices=['isolated', 'window'], default='isolated',
         help="attention mask: 'isolated' (exact target isolation) or 'window' (windowed causal, leaks with depth)")
@@ -129,8 +130,9 @@ def check_args(args):
         die('a list of k values is a sweep: use it with --mode compare or ablation')
     if not sweep:
         args.k = args.k[0]  # a list only for a sweep
-    if args.max_train_targets is not None and args.max_train_targets < 1:
-        die(f'--max-train-targets must be at least 1, got {args.max_train_targets}')
+    for name in ('max_train_targets', 'max_eval_targets'):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ('users', 'n', 'n_layer', 'n_head', 'n_embd', 'block_size', 'epochs', 'batch_size'):
         if getattr(args, name) < 1:
             die(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -193,9 +195,9 @@ def load_dataset(args):
         ds = data.synthetic(n_users=args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
                             canary=args.dataset.partition('-')[2] or None)
     print(data.describe(ds, args.n))
+    target = data.positions(ds) >= args.n
     for split, name in ((0, 'train'), (1, 'valid'), (2, 'test')):  # a split without targets fails in prepare
-        labels = np.unique([y for blocks, sp in zip(ds['users'], ds['split'])
-                            for (_, y), s in zip(blocks[args.n:], sp[args.n:]) if s == split])
+        labels = np.unique(ds['label'][target & (ds['split'] == split)])
         word = 'positive' if len(labels) == 1 and labels[0] else 'negative'
         if len(labels) == 1 and split == 0:
             die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
@@ -205,53 +207,56 @@ def load_dataset(args):
 
 
 def make_prompts(ds, split, mode, n, k, max_targets=None):
-    """The prompts (SW) or streams (DTI) whose targets are the interactions of `split` (the first
-    max_targets of them, if given), and the targets' true click probabilities in prompt order."""
+    """References (data.sw_refs, data.dti_refs) to the prompts (SW) or streams (DTI) whose targets
+    are the interactions of `split` (the first max_targets of them, if given), and the targets'
+    true click probabilities in order."""
     runs, prob = data.segments(ds, split, n)
     if max_targets is not None:
-        kept, left = [], max_targets
-        for r in runs:
-            if left > 0:
-                kept.append(r[:n + left])
-                left -= len(kept[-1]) - n
-        runs, prob = kept, prob[:max_targets]
-    make = (lambda r: data.sw_prompts(r, n)) if mode == 'sw' else (lambda r: data.dti_streams(r, n, k))
-    return [p for r in runs for p in make(r)], prob
+        targets = runs[:, 1] - runs[:, 0] - n                                  # (runs,)
+        before = np.cumsum(targets) - targets                                  # targets in earlier runs
+        keep = before < max_targets
+        runs = np.stack([runs[keep, 0], np.minimum(runs[keep, 1], runs[keep, 0] + n + max_targets - before[keep])], 1)
+        prob = prob[:max_targets]
+    return (data.sw_refs(runs, n) if mode == 'sw' else data.dti_refs(runs, n, k)), prob
 
 
-def train_units(ds, mode, n, k, max_targets=None):
-    """The training targets in units of one DTI stream each: [stream] (DTI), or the SW prompts of
-    exactly that stream's targets (SW). Batches are drawn over units, so with the same seed SW
-    step j trains on the targets of DTI step j: one training run, computed two ways."""
-    streams, _ = make_prompts(ds, 0, 'dti', n, k, max_targets)
-    if mode == 'dti':
-        return [[s] for s in streams]
-    sw, _ = make_prompts(ds, 0, 'sw', n, k, max_targets)
-    first = np.cumsum([0] + [data.targets_of([s]) for s in streams])  # SW prompts are in stream target order
-    return [sw[a:b] for a, b in zip(first[:-1], first[1:])]
+def train_units(ds, n, k, max_targets=None):
+    """The training targets in units of one DTI stream each, as stream references. A DTI step
+    trains on a batch of units' streams, an SW step on the SW prompts of exactly those targets
+    (unit_prompts), and batches are drawn over units: with the same seed SW step j trains on the
+    targets of DTI step j, one training run computed two ways."""
+    return make_prompts(ds, 0, 'dti', n, k, max_targets)[0]
+
+
+def unit_prompts(units, mode, n):
+    """The prompt references a batch of units trains on: the streams themselves (DTI), or one SW
+    prompt per target of theirs, in the same target order (SW)."""
+    return units if mode == 'dti' else data.sw_refs(np.stack([units[:, 2] - n, units[:, 1]], axis=1), n)
 
 
 def batches(units, batch_targets, rng):
-    """Shuffled batches of whole units (one DTI stream's targets each) holding at least
-    batch_targets targets, or what is left at the end of a pool. Units with as many targets go
-    together (sorted inside shuffled pools of ~32 batches), so little is padding: full streams
-    with full ones, a user's shorter last stream with its likes. The draw depends on the units'
-    target counts only, so SW and DTI get the same batches of targets."""
-    n_targets = [data.targets_of(u) for u in units]
-    pool = 32 * max(1, round(batch_targets * len(units) / sum(n_targets)))
+    """Shuffled batches (arrays of unit indices) of whole units holding at least batch_targets
+    targets, or what is left at the end of a pool. Units with as many targets go together (sorted
+    inside shuffled pools of ~32 batches), so little is padding: full streams with full ones, a
+    user's shorter last stream with its likes. The draw depends on the units' target counts only,
+    so SW and DTI get the same batches of targets."""
+    n_targets = units[:, 1] - units[:, 2]
+    pool = 32 * max(1, round(batch_targets * len(units) / n_targets.sum()))
     order = rng.permutation(len(units))
     out = []
     for s in range(0, len(order), pool):
         batch, count = [], 0
-        for i in sorted(order[s:s + pool], key=lambda i: n_targets[i]):
-            batch.append(units[i])
+        chunk = order[s:s + pool]
+        for i in chunk[np.argsort(n_targets[chunk], kind='stable')].tolist():
+            batch.append(i)
             count += n_targets[i]
             if count >= batch_targets:
-                out.append(batch)
+                out.append(np.array(batch))
                 batch, count = [], 0
         if batch:
-            out.append(batch)
+            out.append(np.array(batch))
     return [out[i] for i in rng.permutation(len(out))]
+
 
 # -----------------------------------------------------------------------------
 # training
@@ -286,11 +291,11 @@ def autocast(device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
 
 
-def fastest_attention(model, plan, args, steps=2, repeats=3):
+def fastest_attention(model, ds, units, mode, plan, args, steps=2, repeats=3):
     """--attn auto: forward + backward of the plan's first `steps` batches on every exact path,
     interleaved, `repeats` times; the path with the smaller median. Gradients are cleared after."""
     times = {attn: [] for attn in ATTENTION_PATHS}
-    first = [{key: v.to(args.device) for key, v in data.collate([p for u in batch for p in u]).items()}
+    first = [{key: v.to(args.device) for key, v in data.collate_refs(ds, unit_prompts(units[batch], mode, args.n)).items()}
              for _, _, batch in plan[:steps]]  # collated once, timed 2 x repeats times
     for _ in range(repeats):
         for attn in ATTENTION_PATHS:
@@ -309,8 +314,9 @@ def fastest_attention(model, plan, args, steps=2, repeats=3):
     return best[0]
 
 
-def train(model, units, args, desc='train', ckpt_dir=None, resume=None):
-    """AdamW on BCE at target [SUM]s over `units` (train_units). Returns (targets trained, seconds
+def train(model, ds, units, mode, args, desc='train', ckpt_dir=None, resume=None):
+    """AdamW on BCE at target [SUM]s over `units` (train_units) of `ds`, SW prompts or DTI streams
+    by `mode`; each batch's tensors are built when its step comes (data.collate_refs). Returns (targets trained, seconds
     spent, one Step per optimizer step); the clock covers collation, forward, backward and the
     update. With --attn auto, model.config.attn is first set to the faster exact path.
     The batches of every epoch are drawn up front from args.seed, so a run is a fixed list of steps:
@@ -319,14 +325,14 @@ def train(model, units, args, desc='train', ckpt_dir=None, resume=None):
     batch's prompts and DistributedDataParallel sums the gradients."""
     rng = np.random.default_rng(args.seed)
     opt = model.configure_optimizers(args.weight_decay, args.lr)
-    per_epoch = sum(data.targets_of(u) for u in units)
+    per_epoch = int((units[:, 1] - units[:, 2]).sum())
     plan = [(e, i, batch) for e in range(args.epochs)
             for i, batch in enumerate(batches(units, args.batch_size, rng))]  # (epoch, step in epoch, batch)
     start, seen, seconds, records = 0, 0, 0.0, []
     if resume is not None:
         start, seen, seconds, records = restore(resume, model, opt, len(plan))
     if args.attn == 'auto':  # forward and backward only: the weights and the optimizer stay as they are
-        model.config.attn = fastest_attention(model, plan, args)
+        model.config.attn = fastest_attention(model, ds, units, mode, plan, args)
     net = torch.compile(model) if getattr(args, 'compile', False) else model
     if WORLD > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
@@ -338,11 +344,11 @@ def train(model, units, args, desc='train', ckpt_dir=None, resume=None):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group['lr'] = learning_rate(step, len(plan), args.lr)
-        batch = [p for u in units_of_step for p in u]
-        mine = batch[RANK::WORLD]
-        b = {key: v.to(args.device) for key, v in data.collate(mine or batch[:1]).items()}
-        n_targets = sum(int((p['label'] >= 0).sum()) for p in batch)
-        share = int((b['label'] >= 0).sum()) / n_targets if mine else 0.0  # a rank without prompts adds 0
+        batch = unit_prompts(units[units_of_step], mode, args.n)               # (prompts, 3) references
+        mine = batch[RANK::WORLD]                                              # this rank's share only
+        b = {key: v.to(args.device) for key, v in data.collate_refs(ds, mine if len(mine) else batch[:1]).items()}
+        n_targets = int((batch[:, 1] - batch[:, 2]).sum())
+        share = int((b['label'] >= 0).sum()) / n_targets if len(mine) else 0.0  # a rank without prompts adds 0
         with autocast(args.device):
             loss = ctr_loss(net(b['idx'], b['block'], b['role']), b['label']) * share * WORLD  # DDP averages
         step_loss = loss.detach().float() / WORLD
@@ -393,37 +399,41 @@ def median_ms_per_target(records):
     return 1000 * float(np.median([r.seconds / r.targets for r in steady]))
 
 
-def flops_per_target(prompts, config):
-    """Analytic training FLOPs per target of `prompts` under a model config (model.training_flops:
-    projections, MLP, attention over the query-key pairs the mask allows, read-out; real tokens only)."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]['idx']))
+def flops_per_target(ds, refs, config, most=50_000):
+    """Analytic training FLOPs per target of the prompts `refs` under a model config
+    (model.training_flops: projections, MLP, attention over the query-key pairs the mask allows,
+    read-out; real tokens only). Beyond `most` prompts, the mean over `most` evenly spaced ones."""
+    if len(refs) > most:
+        refs = refs[np.linspace(0, len(refs) - 1, most).astype(np.int64)]
+    order = np.argsort(data.ref_tokens(ds, refs), kind='stable')
     total = 0
     for s in range(0, len(order), 64):
-        b = data.collate([prompts[i] for i in order[s:s + 64]])
+        b = data.collate_refs(ds, refs[order[s:s + 64]])
         total += training_flops(config, b['block'], b['role'])
-    return total / data.targets_of(prompts)
+    return total / int((refs[:, 1] - refs[:, 2]).sum())
 
 # -----------------------------------------------------------------------------
 # evaluation
 
 
 @torch.no_grad()
-def predict(model, prompts, device=None, max_tokens=32768):
-    """Logits of every target, in prompt order and position order inside a prompt. Under torchrun
-    each rank scores every WORLD-th prompt and all ranks gather all logits."""
+def predict(model, ds, refs, device=None, max_tokens=32768):
+    """Logits of every target of the prompts `refs`, in prompt order and position order inside a
+    prompt. Under torchrun each rank scores every WORLD-th prompt and all ranks gather all logits."""
     device = device or next(model.parameters()).device
     model.eval()
-    mine = list(range(RANK, len(prompts), WORLD))
-    order = [mine[o] for o in np.argsort([len(prompts[i]['idx']) for i in mine], kind='stable')]  # similar lengths
-    out = [None] * len(prompts)
+    tokens = data.ref_tokens(ds, refs)
+    mine = np.arange(RANK, len(refs), WORLD)
+    order = mine[np.argsort(tokens[mine], kind='stable')].tolist()  # similar lengths together
+    out = [None] * len(refs)
     i = 0
     bar = tqdm(total=len(order), unit='prompt', desc='eval', leave=False, dynamic_ncols=True,
                disable=True if RANK else None)
     while i < len(order):
         j = i + 1
-        while j < len(order) and (j - i + 1) * len(prompts[order[j]]['idx']) <= max_tokens:
+        while j < len(order) and (j - i + 1) * tokens[order[j]] <= max_tokens:
             j += 1
-        b = {key: v.to(device) for key, v in data.collate([prompts[o] for o in order[i:j]]).items()}
+        b = {key: v.to(device) for key, v in data.collate_refs(ds, refs[order[i:j]]).items()}
         with autocast(device):
             logits = model(b['idx'], b['block'], b['role']).float().cpu()      # (B, T)
         for o, row, lab in zip(order[i:j], logits, b['label'].cpu()):
@@ -457,64 +467,63 @@ def warn(msg):
         print(f'dti_minimal.py: warning: {msg}', file=sys.stderr)
 
 
-def target_labels(prompts):
-    return np.concatenate([p['label'][p['label'] >= 0] for p in prompts])
+def target_labels(ds, refs):
+    return data.ref_labels(ds, refs)
 
 
 BASELINE = "logistic regression on the item's and the window's positive rates"
 
 
-def baseline(ds, n):
+def baseline(ds, n, most=1_000_000):
     """A non-neural reference: logistic regression on two rates a reader can count by hand, the
     target item's positive rate in train (leave-one-out on train targets, smoothed towards the
-    overall rate) and the positive rate of the target's n-block window. Returns its test metrics."""
-    labels = [np.array([y for _, y in blocks]) for blocks in ds['users']]
-    train = np.concatenate(ds['split']) == 0
-    _, items = np.unique(np.concatenate(ds['item']), return_inverse=True)  # ids -> 0 .. n_items-1
-    y_all = np.concatenate(labels)
-    overall = y_all[train].mean()
-    pos = np.bincount(items[train], weights=y_all[train], minlength=items.max() + 1)   # (n_items,)
-    count = np.bincount(items[train], minlength=items.max() + 1)                       # (n_items,)
-    X, y, split = [], [], []
-    per_user = np.split(items, np.cumsum([len(lab) for lab in labels])[:-1])
-    for lab, it, sp in zip(labels, per_user, ds['split']):
-        t = np.arange(n, len(lab))
-        if len(t) == 0:
-            continue
-        own = np.asarray(sp)[t] == 0                     # a train target leaves its own label out
-        item_rate = (pos[it[t]] - own * lab[t] + 10 * overall) / (count[it[t]] - own + 10)
-        liked = np.cumsum(np.r_[0, lab])                 # liked[t]: likes among interactions 0 .. t-1
-        window_rate = (liked[t] - liked[t - n]) / n
-        X.append(np.stack([item_rate, window_rate], 1))
-        y.append(lab[t])
-        split.append(np.asarray(sp)[t])
-    X, y, split = np.concatenate(X), np.concatenate(y), np.concatenate(split)
-    model = LogisticRegression().fit(X[split == 0], y[split == 0])
-    return metrics(model.decision_function(X[split == 2]), y[split == 2])
+    overall rate) and the positive rate of the target's n-block window. Fit on the train targets
+    (beyond `most` of them, on `most` evenly spaced ones); returns its metrics on the test targets."""
+    y, split = ds['label'], ds['split']
+    train = split == 0
+    _, items = np.unique(ds['item'], return_inverse=True)                    # ids -> 0 .. n_items-1
+    pos = np.bincount(items[train], weights=y[train], minlength=items.max() + 1)    # (n_items,)
+    count = np.bincount(items[train], minlength=items.max() + 1)                    # (n_items,)
+    overall = pos.sum() / count.sum()
+    liked = np.r_[0, np.cumsum(y, dtype=np.int64)]           # liked[t]: likes among blocks 0 .. t-1
+
+    def features(t):                                         # t: targets, n predecessors in their user
+        own = split[t] == 0                                  # a train target leaves its own label out
+        item_rate = (pos[items[t]] - own * y[t] + 10 * overall) / (count[items[t]] - own + 10)
+        return np.stack([item_rate, (liked[t] - liked[t - n]) / n], 1)      # t-n is still t's user
+    target = data.positions(ds) >= n
+    fit, test = np.flatnonzero(target & train), np.flatnonzero(target & (split == 2))
+    if len(fit) > most:
+        fit = fit[np.linspace(0, len(fit) - 1, most).astype(np.int64)]
+    model = LogisticRegression().fit(features(fit), y[fit])
+    return metrics(model.decision_function(features(test)), y[test])
 
 # -----------------------------------------------------------------------------
 # experiments: one run (--mode sw, dti), SW against DTI (compare), the ablation, attention paths (bench)
 
 
 def eval_prompts(args, ds, mode, k):
-    """{'valid': (prompts, prob), 'test': (prompts, prob)}: SW prompts or streams of k targets."""
-    return {name: make_prompts(ds, split, mode, args.n, k) for split, name in ((1, 'valid'), (2, 'test'))}
+    """{'valid': (refs, prob), 'test': (refs, prob)}: SW prompts or streams of k targets, of the
+    first --max-eval-targets targets of each split if given."""
+    return {name: make_prompts(ds, split, mode, args.n, k, args.max_eval_targets)
+            for split, name in ((1, 'valid'), (2, 'test'))}
 
 
 def prepare(args, ds, mode, k, evals=None):
     """Train units (train_units) and valid/test prompts (`evals`, built here from --eval-mode
     unless given) for one run, or a one-line error before any work."""
-    units = train_units(ds, mode, args.n, k, args.max_train_targets)
+    units = train_units(ds, args.n, k, args.max_train_targets)
     evals = evals or eval_prompts(args, ds, args.eval_mode, k)
-    if not units or not all(prompts for prompts, _ in evals.values()):
+    if not len(units) or not all(len(refs) for refs, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
     if args.epochs * len(units) > MAX_PLANNED_UNITS:
         die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
             f'before step 1, more than {MAX_PLANNED_UNITS}')
-    labels = np.unique(target_labels([p for u in units for p in u]))
+    labels = np.unique(target_labels(ds, units))
     if len(labels) < 2:
         die(f'{ds["name"]}: the train targets are all {"positive" if labels[0] else "negative"}; nothing to learn')
-    longest = max(len(p['idx']) for p in [p for u in units for p in u] + [p for e in evals.values() for p in e[0]])
+    longest = max(int(data.ref_tokens(ds, refs).max()) for refs in [unit_prompts(units, mode, args.n)]
+                  + [refs for refs, _ in evals.values()])
     if args.pos == 'learned' and longest > args.block_size:
         die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
     return units, evals
@@ -524,38 +533,46 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
     """Train one model (from the state `init` if given; checkpoints into ckpt_dir; continuing the
     checkpoint `resume`), evaluate it, return its results."""
     units, evals = prepared
-    train_prompts = [p for u in units for p in u]
+    train_prompts = unit_prompts(units, mode, args.n)
     torch.manual_seed(args.seed)
     model = build_model(args)
     if init is not None:  # an ALiBi model takes a learned-position model's weights but its wpe
         model.load_state_dict({key: v for key, v in init.items() if args.pos == 'learned' or 'wpe' not in key})
-    print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {data.targets_of(train_prompts)} train targets, '
+    print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {int((units[:, 1] - units[:, 2]).sum())} train targets, '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
-    targets_trained, train_seconds, records = train(model, units, args, f'train {mode}', ckpt_dir, resume)
+    targets_trained, train_seconds, records = train(model, ds, units, mode, args, f'train {mode}', ckpt_dir, resume)
     res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos, attn=model.config.attn,
                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=args.seed,
                targets_trained=targets_trained, train_seconds=train_seconds, steps=len(records),
                mean_targets_per_step=targets_trained / len(records),
                time_per_target_ms=1000 * train_seconds / targets_trained,
                median_time_per_target_ms=median_ms_per_target(records),
-               flops_per_target=flops_per_target(train_prompts, model.config),
+               flops_per_target=flops_per_target(ds, train_prompts, model.config),
                padding=float(np.mean([r.padding for r in records])),
                first_loss=float(np.mean([r.loss for r in records[:10]])),
                last_loss=float(np.mean([r.loss for r in records[-10:]])),
                step_loss=[r.loss for r in records])
-    for name, (prompts, prob) in evals.items():
-        labels = target_labels(prompts)
-        res.update({f'{name}_{key}': v for key, v in metrics(predict(model, prompts, args.device), labels).items()})
+    for name, (refs, prob) in evals.items():
+        labels = target_labels(ds, refs)
+        res[f'{name}_targets'] = len(labels)
+        res.update({f'{name}_{key}': v for key, v in metrics(predict(model, ds, refs, args.device), labels).items()})
         res[f'{name}_bayes_auc'] = auc(labels, prob) if np.isfinite(prob).all() else None
     res['bayes_auc'] = res.get('test_bayes_auc')  # None on real data: nobody knows the true probabilities
     res['args'] = vars(args)
     return res, model
 
 
-def train_and_report(args, ds, ckpt):
-    """--mode sw or dti: train with checkpoints in DIR, evaluate, write results.json, print the table."""
-    res, _ = run(args, ds, args.mode, args.k, prepare(args, ds, args.mode, args.k), ckpt_dir=args.out, resume=ckpt)
+def train_and_report(args, ckpt):
+    """--mode sw or dti: load and prepare the data, train with checkpoints in DIR, evaluate, write
+    results.json (with the preparation time and the process's peak memory), print the table."""
+    t0 = time.perf_counter()
+    ds = load_dataset(args)
+    prepared = prepare(args, ds, args.mode, args.k)
+    prepare_seconds = time.perf_counter() - t0
+    print(f'data prepared in {prepare_seconds:.1f}s')
+    res, _ = run(args, ds, args.mode, args.k, prepared, ckpt_dir=args.out, resume=ckpt)
     res.update({f'baseline_test_{key}': v for key, v in baseline(ds, args.n).items()})
+    res.update(prepare_seconds=prepare_seconds, peak_rss_mb=peak_rss_mb())
     path = write_json(args.out, 'results.json', res)
     print()
     print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
@@ -678,7 +695,7 @@ def ablation(args, ds):
     both = next(r for r in paired if r['name'] == 'DTI, both')
     test_prompts, test_prob = evals['test_sw']
     res = dict(dataset=args.dataset, n=args.n, k=args.k, targets_trained=standard['targets_trained'],
-               steps=standard['steps'], bayes_auc=auc(target_labels(test_prompts), test_prob)
+               steps=standard['steps'], bayes_auc=auc(target_labels(ds, test_prompts), test_prob)
                if np.isfinite(test_prob).all() else None,
                max_step_loss_diff=both['step_loss_diff_max'],
                torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, args=vars(args))
@@ -703,8 +720,14 @@ def ablation(args, ds):
 
 def bench_stream(args, targets=440):
     """One DTI stream of n context blocks and 440 targets: about 4,000 tokens."""
-    history = data.synthetic(n_users=1, min_len=args.n + targets, max_len=args.n + targets, n=args.n)['users'][0]
-    return data.collate(data.dti_streams(history, args.n, targets))
+    ds = data.synthetic(n_users=1, min_len=args.n + targets, max_len=args.n + targets, n=args.n)
+    return data.collate_refs(ds, data.dti_refs(np.array([[0, args.n + targets]]), args.n, targets))
+
+
+def peak_rss_mb():
+    """The most memory (resident set, MB) this process has held so far."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == 'darwin' else 2**10)
 
 
 def step_peak_mb(step):
@@ -899,7 +922,7 @@ def main(argv=None):
             return bench(args)
         if args.mode in ('compare', 'ablation'):
             return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
-        return train_and_report(args, load_dataset(args), ckpt)
+        return train_and_report(args, ckpt)
     except KeyboardInterrupt:  # Ctrl-C: what is on disk, and how to go on from it
         path = os.path.join(args.out, 'ckpt.pt')
         for name in OUTPUTS[args.mode]:

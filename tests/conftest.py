@@ -24,6 +24,12 @@ def random_history(rng, m, max_text=6):
             for _ in range(m)]
 
 
+def as_lists(ds):
+    """A columnar data set as per-user lists: (histories as lists of blocks, splits, probs, items)."""
+    cut = lambda a: np.split(a, ds['user_start'][1:-1])
+    return [data.history(ds, u) for u in range(len(ds['user_start']) - 1)], cut(ds['split']), cut(ds['prob']), cut(ds['item'])
+
+
 def small_model(n, mask='isolated', pos='alibi', n_layer=2, seed=0, std=0.5):
     """A tiny GPT whose weights are large enough that attention is far from uniform, so that a
     token that is visible moves the logit clearly while an invisible one cannot move it at all."""

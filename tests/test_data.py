@@ -1,12 +1,17 @@
 """Tokenizer, block layout, SW prompts vs DTI streams, collation and the synthetic data set."""
 import socket
 
+import tracemalloc
+
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from sklearn.metrics import roc_auc_score
 
+import torch
+
 import data
-from conftest import random_history
+from conftest import as_lists, random_history
 from data import LABEL, PAD, SUM, TEXT
 
 
@@ -88,15 +93,16 @@ def test_collate_pads_right(rng):
 
 
 def test_segments_give_each_split_its_targets_with_full_windows():
-    ds = {'users': [[([i], i % 2) for i in range(10)]], 'split': [np.array([0] * 6 + [1] * 2 + [2] * 2)],
-          'prob': [np.arange(10) / 10]}
+    first = [([i], i % 2) for i in range(10)]                      # user 0: blocks 0 .. 9
+    ds = data.from_histories([[([99], 1)] * 3, first], [[0, 0, 0], [0] * 6 + [1] * 2 + [2] * 2],
+                             [np.full(3, np.nan), np.arange(10) / 10])  # user 1 (3 blocks) comes first
     n = 4
-    runs, prob = data.segments(ds, 0, n)
-    assert [[t[0] for t, _ in r] for r in runs] == [[0, 1, 2, 3, 4, 5]] and prob.tolist() == [0.4, 0.5]
+    runs, prob = data.segments(ds, 0, n)  # user 1 has no train target with 4 predecessors
+    assert runs.tolist() == [[3, 9]] and prob.tolist() == [0.4, 0.5]
     runs, prob = data.segments(ds, 1, n)  # context comes from the train split: history is history
-    assert [[t[0] for t, _ in r] for r in runs] == [[2, 3, 4, 5, 6, 7]] and prob.tolist() == [0.6, 0.7]
+    assert runs.tolist() == [[5, 11]] and prob.tolist() == [0.6, 0.7]
     runs, prob = data.segments(ds, 2, 9)  # only interaction 9 has 9 predecessors
-    assert [len(r) for r in runs] == [10] and prob.tolist() == [0.9]
+    assert runs.tolist() == [[3, 13]] and prob.tolist() == [0.9]
 
 
 @pytest.fixture(scope='module')
@@ -111,9 +117,9 @@ def decode(ids):
 def test_synthetic_click_probability_depends_only_on_the_window(small_synthetic):
     """logit(prob) - mood_weight * (2 * mean label of the window - 1) must be one number per item
     text: the item's own appeal. Anything hidden (the drifting taste, the user) would break that."""
-    ds, n = small_synthetic[None], 5
+    (users, _, probs, _), n = as_lists(small_synthetic[None]), 5
     appeal = {}
-    for blocks, prob in zip(ds['users'], ds['prob']):
+    for blocks, prob in zip(users, probs):
         for t, (text_ids, _) in enumerate(blocks):
             window = [y for _, y in blocks[max(0, t - n):t]]
             z = np.log(prob[t] / (1 - prob[t])) - 2.0 * (2 * np.mean(window) - 1 if window else 0.0)
@@ -124,23 +130,23 @@ def test_synthetic_click_probability_depends_only_on_the_window(small_synthetic)
 
 
 def test_synthetic_is_learnable_split_by_time_and_canaries_plant_what_they_say(small_synthetic):
-    ds = small_synthetic[None]
-    assert all(np.all(np.diff(s) >= 0) for s in ds['split'])
-    counts = np.bincount(np.concatenate(ds['split']), minlength=3) / sum(len(s) for s in ds['split'])
+    users, splits, probs, _ = as_lists(small_synthetic[None])
+    assert all(np.all(np.diff(s) >= 0) for s in splits)
+    counts = np.bincount(np.concatenate(splits), minlength=3) / sum(len(s) for s in splits)
     assert abs(counts[0] - 0.8) < 0.03 and abs(counts[1] - 0.1) < 0.03 and abs(counts[2] - 0.1) < 0.03
-    y = np.concatenate([[lab for _, lab in u] for u in ds['users']])
+    y = np.concatenate([[lab for _, lab in u] for u in users])
     assert 0.3 < y.mean() < 0.85
-    assert roc_auc_score(y, np.concatenate(ds['prob'])) > 0.75
+    assert roc_auc_score(y, np.concatenate(probs)) > 0.75
 
-    fut = small_synthetic['future']  # same seed: same items and labels, markers added
-    for u, v in zip(ds['users'], fut['users']):
+    fut = as_lists(small_synthetic['future'])[0]  # same seed: same items and labels, markers added
+    for u, v in zip(users, fut):
         assert [lab for _, lab in u] == [lab for _, lab in v]
         for t in range(1, len(v)):
             assert decode(v[t][0]) == decode(u[t][0]) + data.MARKS[u[t - 1][1]]
 
-    far, n = small_synthetic['far'], 5
+    (far, _, far_prob, _), n = as_lists(small_synthetic['far']), 5
     agree, total, bound = 0, 0, []
-    for blocks, prob in zip(far['users'], far['prob']):
+    for blocks, prob in zip(far, far_prob):
         marks = [data.MARKS.index(' | ' + decode(t).rsplit(' | ', 1)[1]) for t, _ in blocks]
         for t in range(n + 1, len(blocks)):
             agree += marks[t - n - 1] == blocks[t][1]
@@ -148,5 +154,68 @@ def test_synthetic_is_learnable_split_by_time_and_canaries_plant_what_they_say(s
     # the marker n+1 back predicts the label far above chance, yet prob (what the window shows)
     # cannot use it: its AUC stays much lower than a model that reads the marker
     assert agree / total > 0.75
-    yf = np.concatenate([[lab for _, lab in u] for u in far['users']])
-    assert roc_auc_score(yf, np.concatenate(far['prob'])) < 0.7
+    yf = np.concatenate([[lab for _, lab in u] for u in far])
+    assert roc_auc_score(yf, np.concatenate(far_prob)) < 0.7
+
+
+# -----------------------------------------------------------------------------
+# the columnar path: references into flat arrays give the prompts of the list-of-blocks definitions
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.fixed_dictionaries(dict(
+    lengths=st.lists(st.integers(1, 14), min_size=1, max_size=5), n=st.integers(1, 4), k=st.integers(1, 6),
+    max_text=st.integers(0, 5), split=st.integers(0, 2), seed=st.integers(0, 2**16))))
+def test_columnar_prompts_equal_the_list_of_blocks_prompts_token_for_token(layout):
+    """Users of random lengths and text lengths (empty texts too), random splits: for every
+    split, SW and DTI, collate_refs of the references gives exactly collate() of sw_prompts /
+    dti_streams over the same runs, padding included, and ref_labels their target labels."""
+    rng = np.random.default_rng(layout['seed'])
+    n, k = layout['n'], layout['k']
+    users = [[(rng.integers(0, 1000, rng.integers(0, layout['max_text'] + 1)).tolist(), int(rng.integers(0, 2)))
+              for _ in range(m)] for m in layout['lengths']]
+    splits = [np.sort(rng.integers(0, 3, len(u))) for u in users]
+    ds = data.from_histories(users, splits)
+    assert all(data.history(ds, u) == users[u] for u in range(len(users)))
+    runs, _ = data.segments(ds, layout['split'], n)
+    blocks = {u: users[u] for u in range(len(users))}
+    user_of = lambda a: int(np.searchsorted(ds['user_start'], a, side='right') - 1)
+    as_lists = [blocks[user_of(a)][a - ds['user_start'][user_of(a)]:b - ds['user_start'][user_of(a)]] for a, b in runs]
+    for refs, prompts in ((data.sw_refs(runs, n), [p for r in as_lists for p in data.sw_prompts(r, n)]),
+                          (data.dti_refs(runs, n, k), [p for r in as_lists for p in data.dti_streams(r, n, k)])):
+        assert len(refs) == len(prompts)
+        if not prompts:
+            continue
+        got, want = data.collate_refs(ds, refs), data.collate(prompts)
+        for key in want:
+            assert torch.equal(got[key], want[key]), key
+        assert data.ref_tokens(ds, refs).tolist() == [len(p['idx']) for p in prompts]
+        assert data.ref_labels(ds, refs).tolist() == [int(y) for p in prompts for y in p['label'][p['label'] >= 0]]
+
+
+def test_a_generated_data_set_is_its_own_histories():
+    """synthetic() builds its columns in one go; from_histories of its per-user lists gives them back."""
+    ds = data.synthetic(n_users=30, n=5, canary='far')
+    users, splits, probs, items = as_lists(ds)
+    again = data.from_histories(users, splits, probs, items, ds['name'])
+    for key in ('tokens', 'token_start', 'label', 'item', 'split', 'prob', 'user_start'):
+        assert np.array_equal(ds[key], again[key]), key
+    assert ds['tokens'].dtype == np.int32 and ds['label'].dtype == np.int8
+
+
+def test_preparing_sw_prompts_takes_memory_that_does_not_grow_with_n():
+    """SW prompts are references, not token arrays: at n=40 a target's prompt is 41 blocks, yet
+    preparing all of them takes no more memory than at n=5 (per target: three integers)."""
+    import dti_minimal
+    ds = data.synthetic(n_users=200, n=40, min_len=100, max_len=120)
+
+    def peak(n):
+        tracemalloc.start()
+        units = dti_minimal.train_units(ds, n, 50)
+        refs = dti_minimal.unit_prompts(units, 'sw', n)
+        size = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        return size, len(refs)
+    (small, targets_small), (large, targets_large) = peak(5), peak(40)
+    assert targets_large > 0.5 * targets_small
+    assert large < 1.5 * small and large < 200 * targets_small  # bytes; a token array per prompt would be ~8x

@@ -11,7 +11,7 @@ import pytest
 
 import data
 import dti_minimal
-from conftest import one_line_error
+from conftest import as_lists, one_line_error
 
 # item id -> (title with year, genres); item 2 has a latin-1 title, item 5 no year
 ITEMS = {1: ('Toy Story (1995)', ['Animation', "Children's", 'Comedy']), 2: ('Misérables, Les (1995)', ['Drama', 'Musical']),
@@ -65,12 +65,12 @@ def write(folder, fmt, rows, items=ITEMS):
 
 def texts(ds, user):
     enc = data.get_tokenizer()
-    return [enc.decode(ids) for ids, _ in ds['users'][user]]
+    return [enc.decode(ids) for ids, _ in data.history(ds, user)]
 
 
 def same(a, b):
-    return (a['users'] == b['users'] and all(np.array_equal(x, y) for x, y in zip(a['split'], b['split']))
-            and all(np.array_equal(x, y) for x, y in zip(a['item'], b['item'])))
+    return all(np.array_equal(a[key], b[key], equal_nan=key == 'prob') for key in
+               ('tokens', 'token_start', 'label', 'item', 'split', 'prob', 'user_start'))
 
 
 def test_every_format_gives_the_same_data_set(tmp_path):
@@ -85,15 +85,16 @@ def test_every_format_gives_the_same_data_set(tmp_path):
     # a folder holding the extracted ml-100k/ folder, or ml-100k.zip, is found as well
     write(tmp_path / 'parent' / 'ml-100k', 'grouplens', rows)
     assert same(ref, data.movielens('ml-100k', str(tmp_path / 'parent')))
-    assert len(ref['users']) == 13 and ref['name'] == 'ml-100k' and np.isnan(np.concatenate(ref['prob'])).all()
+    assert len(ref['user_start']) == 14 and ref['name'] == 'ml-100k' and np.isnan(ref['prob']).all()
 
 
 def test_ctr_rules_text_labels_order_and_ties(tmp_path):
     rows = world()
     ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', rows))
+    users, _, _, items = as_lists(ds)
     first = sorted((t, i, r) for u, i, r, t in rows if u == 1)
-    assert ds['item'][0].tolist() == [i for _, i, _ in first]                 # time order
-    assert [y for _, y in ds['users'][0]] == [int(r >= 4) for _, _, r in first]  # label = rating >= 4
+    assert items[0].tolist() == [i for _, i, _ in first]                      # time order
+    assert [y for _, y in users[0]] == [int(r >= 4) for _, _, r in first]     # label = rating >= 4
     assert texts(ds, 12) == ['Misérables, Les (1995) | Drama, Musical', 'unknown | unknown']  # tie: item 2 first
     assert 'Toy Story (1995) | Animation, Children\'s, Comedy' in {s for u in range(13) for s in texts(ds, u)}
 
@@ -102,7 +103,7 @@ def test_split_by_global_time_quantiles(tmp_path):
     rows = [(1 + t % 3, 1 + t % 6, 4, t) for t in range(1, 11)]  # times 1..10 across 3 users
     ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', rows))
     got = {}
-    for u, split in enumerate(ds['split']):
+    for u, split in enumerate(as_lists(ds)[1]):
         got.update(zip(sorted(t for user, _, _, t in rows if user == u + 1), split.tolist()))
     assert got == {**{t: 0 for t in range(1, 9)}, 9: 1, 10: 2}  # the quantiles are 8.2 and 9.1
 
@@ -110,12 +111,12 @@ def test_split_by_global_time_quantiles(tmp_path):
 def test_statistics_and_short_users(tmp_path):
     ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', world()))
     line = data.describe(ds, 3)
-    targets = [sum(int((np.asarray(s)[3:] == split).sum()) for s in ds['split']) for split in range(3)]
+    targets = [sum(int((np.asarray(s)[3:] == split).sum()) for s in as_lists(ds)[1]) for split in range(3)]
     assert sum(targets) == 12 * 17  # user 99 has 2 interactions: no target
     assert f'train {targets[0]}, valid {targets[1]}, test {targets[2]};' in line
     assert '13 users, 6 items, 242 interactions' in line and 'tokens per block: mean' in line
     runs, _ = data.segments(ds, 0, 3)
-    assert len(runs) <= 12 and all(len(r) > 3 for r in runs)
+    assert len(runs) <= 12 and all(b - a > 3 for a, b in runs)
 
 
 def test_cli_trains_on_movielens_and_prints_the_baseline(tmp_path, capsys):
@@ -205,7 +206,7 @@ def serve(monkeypatch, tmp_path, md5=None):
 def test_download_is_md5_checked_then_cached(tmp_path, monkeypatch):
     cache = serve(monkeypatch, tmp_path)
     ds = data.movielens('ml-100k')
-    assert sorted(os.listdir(cache)) == ['ml-100k.zip'] and len(ds['users']) == 13
+    assert sorted(os.listdir(cache)) == ['ml-100k.zip'] and len(ds['user_start']) == 14
     monkeypatch.setitem(data.MOVIELENS, 'ml-100k', ('file:///nowhere/ml-100k.zip', 'x'))  # no second download
     assert same(ds, data.movielens('ml-100k'))
 
@@ -231,7 +232,7 @@ def test_no_network_no_files_says_where_to_put_them(tmp_path, monkeypatch, capsy
 def test_csv_half_stars_and_labels(tmp_path):
     rows = [(1, 1 + t % 6, [0.5, 3.5, 4.0, 4.5, 5.0][t % 5], 1000 + t) for t in range(12)]
     ds = data.movielens('ml-25m', write(tmp_path / 'c', 'csv', rows))
-    assert [y for _, y in ds['users'][0]] == [int(r >= 4) for _, _, r, _ in rows]
+    assert ds['label'].tolist() == [int(r >= 4) for _, _, r, _ in rows]
 
 
 @pytest.mark.parametrize('name, line, index, message', [
@@ -264,9 +265,8 @@ def test_ids_are_exact_64_bit_integers(tmp_path, capsys):
     rows = [(2**53 + u % 2 if u <= 2 else u, remap[i], r, t) for u, i, r, t in world(n_users=30, length=30)]
     folder = write(tmp_path / 'g', 'grouplens', rows, items=big)
     ds = data.movielens('ml-100k', folder)
-    assert len(ds['users']) == 31  # users 2**53 and 2**53 + 1 stay two users
-    assert sorted(np.unique(np.concatenate(ds['item'])).tolist()) == sorted(big)
-    assert ds['item'][0].dtype == np.int64
+    assert len(ds['user_start']) == 32  # users 2**53 and 2**53 + 1 stay two users
+    assert sorted(np.unique(ds['item']).tolist()) == sorted(big) and ds['item'].dtype == np.int64
     res = dti_minimal.main(['--dataset', 'ml-100k', '--data-dir', folder, '--n', '3', '--k', '5', '--n-embd', '16',
                             '--epochs', '1', '--out', str(tmp_path / 'out')])
     assert 0 <= res['test_auc'] <= 1 and 0 <= res['baseline_test_auc'] <= 1

@@ -29,18 +29,17 @@ def test_end_to_end_run_writes_results(mode, tmp_path):
 def test_training_reduces_the_loss():
     args = dti_minimal.parse_args(TINY + ['--epochs', '3', '--lr', '3e-3'])
     ds = dti_minimal.load_dataset(args)
-    units = dti_minimal.train_units(ds, 'dti', args.n, args.k)
-    prompts = [p for u in units for p in u]
+    units = dti_minimal.train_units(ds, args.n, args.k)
     torch.manual_seed(0)
     model = dti_minimal.build_model(args)
-    b = data.collate(prompts)
+    b = data.collate_refs(ds, units)
 
     def loss():
         with torch.no_grad():
             return ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).item()
     before = loss()
-    trained, seconds, records = dti_minimal.train(model, units, args)
-    assert trained == 3 * data.targets_of(prompts) == sum(r.targets for r in records)
+    trained, seconds, records = dti_minimal.train(model, ds, units, 'dti', args)
+    assert trained == 3 * int((b['label'] >= 0).sum()) == sum(r.targets for r in records)
     assert seconds > 0 and len(records) > 10
     assert loss() < before - 0.05, (before, loss())
 
@@ -53,18 +52,19 @@ def test_sw_and_dti_evaluation_agree_under_isolated_alibi():
     sw, p_sw = dti_minimal.make_prompts(ds, 2, 'sw', args.n, args.k)
     dti, p_dti = dti_minimal.make_prompts(ds, 2, 'dti', args.n, args.k)
     assert np.array_equal(p_sw, p_dti)
-    assert np.array_equal(dti_minimal.target_labels(sw), dti_minimal.target_labels(dti))
-    np.testing.assert_allclose(dti_minimal.predict(model, dti), dti_minimal.predict(model, sw), atol=1e-5)
+    assert np.array_equal(dti_minimal.target_labels(ds, sw), dti_minimal.target_labels(ds, dti))
+    np.testing.assert_allclose(dti_minimal.predict(model, ds, dti), dti_minimal.predict(model, ds, sw), atol=1e-5)
 
 
 def test_flops_per_target_matches_a_hand_count():
     """One SW prompt of two blocks [t S L][t S L], n=1, C=4, one layer. Allowed pairs:
     isolated t0:1 S0:2 L0:2 t1:1 S1:4 L1:2 = 12; window t0:1 S0:2 L0:2 t1:3 S1:4 L1:4 = 16.
     Forward = 24*T*C^2 + 4*pairs*C + 2*T*C with T=6; training = 3 x forward."""
-    prompt = data.sw_prompts([([11], 1), ([12], 0)], 1)
+    ds = data.from_histories([[([11], 1), ([12], 0)]], [[0, 0]])
+    prompt = data.sw_refs(np.array([[0, 2]]), 1)
     for mask, pairs in (('isolated', 12), ('window', 16)):
         config = GPTConfig(n=1, n_embd=4, n_head=1, n_layer=1, mask=mask)
-        assert dti_minimal.flops_per_target(prompt, config) == 3 * (24 * 6 * 16 + 4 * pairs * 4 + 2 * 6 * 4)
+        assert dti_minimal.flops_per_target(ds, prompt, config) == 3 * (24 * 6 * 16 + 4 * pairs * 4 + 2 * 6 * 4)
 
 
 def test_max_train_targets_gives_both_modes_the_same_first_targets():
@@ -72,10 +72,11 @@ def test_max_train_targets_gives_both_modes_the_same_first_targets():
     ds = dti_minimal.load_dataset(args)
     sw, p_sw = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10, max_targets=333)
     dti, p_dti = dti_minimal.make_prompts(ds, 0, 'dti', 5, 10, max_targets=333)
-    assert data.targets_of(sw) == data.targets_of(dti) == len(p_sw) == 333
-    assert np.array_equal(dti_minimal.target_labels(sw), dti_minimal.target_labels(dti))
+    targets = lambda refs: int((refs[:, 1] - refs[:, 2]).sum())
+    assert targets(sw) == targets(dti) == len(p_sw) == len(dti_minimal.target_labels(ds, sw)) == 333
+    assert np.array_equal(dti_minimal.target_labels(ds, sw), dti_minimal.target_labels(ds, dti))
     full, p_full = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10)
-    assert np.array_equal(dti_minimal.target_labels(full)[:333], dti_minimal.target_labels(sw))
+    assert np.array_equal(dti_minimal.target_labels(ds, full)[:333], dti_minimal.target_labels(ds, sw))
     assert np.array_equal(p_full[:333], p_sw)
 
 
@@ -85,10 +86,10 @@ def test_history_sets_user_lengths_and_full_streams_raise_the_analytic_speedup()
         ds = dti_minimal.load_dataset(args)
         sw, dti = (dti_minimal.make_prompts(ds, 0, mode, 5, 10)[0] for mode in ('sw', 'dti'))
         config = dti_minimal.model_config(args)
-        return ds, dti_minimal.flops_per_target(sw, config) / dti_minimal.flops_per_target(dti, config)
+        return ds, dti_minimal.flops_per_target(ds, sw, config) / dti_minimal.flops_per_target(ds, dti, config)
     short, ratio_short = analytic('18,18')  # ~9 train targets a user: one stream, partly empty
     long, ratio_long = analytic('150,150')  # ~115: mostly full streams of k=10
-    assert {len(u) for u in short['users']} == {18} and {len(u) for u in long['users']} == {150}
+    assert set(np.diff(short['user_start'])) == {18} and set(np.diff(long['user_start'])) == {150}
     assert 1 < ratio_short < ratio_long
 
 
@@ -125,25 +126,25 @@ def test_configure_optimizers_decays_matrices_and_embeddings_only():
 
 
 
-def target_blocks(prompts):
-    """Every target of `prompts` as (its block's token ids, its label), in order."""
+def target_blocks(b):
+    """Every target of a collated batch as (its block's token ids, its label), in order."""
     out = []
-    for p in prompts:
-        for q in np.flatnonzero(p['label'] >= 0):
-            out.append((tuple(p['idx'][p['block'] == p['block'][q]]), int(p['label'][q])))
+    for idx, block, label in zip(b['idx'], b['block'], b['label']):
+        for q in np.flatnonzero(label >= 0):
+            out.append((tuple(idx[block == block[q]].tolist()), int(label[q])))
     return out
 
 
 def test_sw_step_j_trains_on_exactly_the_targets_of_dti_step_j():
     args = dti_minimal.parse_args(TINY)
     ds = dti_minimal.load_dataset(args)
-    plans = {mode: dti_minimal.batches(dti_minimal.train_units(ds, mode, 5, 10), 64, np.random.default_rng(0))
-             for mode in ('sw', 'dti')}
-    assert len(plans['sw']) == len(plans['dti']) > 10
-    assert sorted(len(b) for b in plans['dti']) != [1] * len(plans['dti'])  # batches of several streams
-    for sw_batch, dti_batch in zip(plans['sw'], plans['dti']):
-        sw, dti = [p for u in sw_batch for p in u], [p for u in dti_batch for p in u]
-        assert {int(p['block'].max()) for p in sw} == {5} and data.targets_of(sw) == len(sw)  # SW prompts
+    units = dti_minimal.train_units(ds, 5, 10)
+    plan = dti_minimal.batches(units, 64, np.random.default_rng(0))
+    assert len(plan) > 10 and sorted(len(b) for b in plan) != [1] * len(plan)  # batches of several streams
+    for batch in plan:
+        sw = data.collate_refs(ds, dti_minimal.unit_prompts(units[batch], 'sw', 5))
+        dti = data.collate_refs(ds, dti_minimal.unit_prompts(units[batch], 'dti', 5))
+        assert (sw['block'].max(1).values == 5).all() and ((sw['label'] >= 0).sum(1) == 1).all()  # SW prompts
         assert target_blocks(sw) == target_blocks(dti)
 
 
@@ -176,11 +177,11 @@ def test_attn_auto_trains_on_the_faster_path(slowed, chosen, monkeypatch):
     monkeypatch.setattr(model_module, slowed, slow)
     args = dti_minimal.parse_args(TINY + ['--max-train-targets', '300'])
     ds = dti_minimal.load_dataset(args)
-    units = dti_minimal.train_units(ds, 'dti', args.n, args.k, args.max_train_targets)
+    units = dti_minimal.train_units(ds, args.n, args.k, args.max_train_targets)
     plan = [(0, i, b) for i, b in enumerate(dti_minimal.batches(units, args.batch_size, np.random.default_rng(0)))]
     model = dti_minimal.build_model(args)
     before = {name: p.clone() for name, p in model.named_parameters()}
-    assert dti_minimal.fastest_attention(model, plan, args) == chosen
+    assert dti_minimal.fastest_attention(model, ds, units, 'dti', plan, args) == chosen
     assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
 
 
@@ -209,3 +210,13 @@ def test_ablation_trains_every_row_from_the_same_weights_and_writes_ablation_jso
     # and isolated + ALiBi models score a target the same on its SW prompt as in a stream
     for r in (isolated, both, rows[-2]):
         assert abs(r['test_auc_sw'] - r['test_auc_stream']) < 1e-5 and abs(r['test_logloss_sw'] - r['test_logloss_stream']) < 1e-5
+
+
+def test_max_eval_targets_scores_the_first_targets_of_valid_and_test(tmp_path):
+    res = dti_minimal.main(TINY + ['--max-eval-targets', '57', '--eval-mode', 'dti', '--out', str(tmp_path)])
+    assert res['valid_targets'] == res['test_targets'] == 57
+    args = dti_minimal.parse_args(TINY)
+    ds = dti_minimal.load_dataset(args)
+    full = dti_minimal.make_prompts(ds, 2, 'sw', args.n, args.k)[0]
+    first = dti_minimal.make_prompts(ds, 2, 'dti', args.n, args.k, max_targets=57)[0]
+    assert np.array_equal(dti_minimal.target_labels(ds, first), dti_minimal.target_labels(ds, full)[:57])
