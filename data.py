@@ -88,13 +88,15 @@ def dti_streams(blocks, n, k):
     return [_flatten(blocks[s - n:s + k], first_target=n) for s in range(n, len(blocks), k)]
 
 
+FILL = dict(idx=PAD_ID, block=-1, role=PAD, label=-1)  # what a padding token holds in each array
+
+
 def collate(prompts):
     """List of prompts -> dict of (B, T) long tensors, right-padded with [PAD] / role PAD."""
     T = max(len(p['idx']) for p in prompts)
-    fill = dict(idx=PAD_ID, block=-1, role=PAD, label=-1)
-    out = {key: np.full((len(prompts), T), v, dtype=np.int64) for key, v in fill.items()}
+    out = {key: np.full((len(prompts), T), v, dtype=np.int64) for key, v in FILL.items()}
     for b, p in enumerate(prompts):
-        for key in fill:
+        for key in FILL:
             out[key][b, :len(p[key])] = p[key]
     return {key: torch.from_numpy(v) for key, v in out.items()}
 
@@ -201,14 +203,20 @@ def ref_tokens(ds, refs):
     return ds['token_start'][end] - ds['token_start'][first] + 2 * (end - first)
 
 
+def ref_targets(refs):
+    """Targets of each referenced prompt."""
+    return refs[:, 1] - refs[:, 2]
+
+
 def ref_labels(ds, refs):
     """The labels of the references' targets, in order."""
     return np.concatenate([ds['label'][t:e] for _, e, t in refs]).astype(np.int64) if len(refs) else np.zeros(0, np.int64)
 
 
-def collate_refs(ds, refs):
+def collate_refs(ds, refs, multiple=1):
     """References (first, end, first_target) -> the (B, T) tensors that collate() gives for the
-    prompts they stand for, built straight from the flat arrays (the tests check token for token)."""
+    prompts they stand for, built straight from the flat arrays (the tests check token for token);
+    with `multiple`, T is padded up to a multiple of it."""
     refs = np.asarray(refs, dtype=np.int64).reshape(-1, 3)
     first, end, first_target = refs.T
     nb = end - first                                                         # (B,) blocks per prompt
@@ -223,9 +231,8 @@ def collate_refs(ds, refs):
     Lt, lab = L[tb], ds['label'][blk][tb]
     at = np.minimum(ds['token_start'][blk][tb] + j, len(ds['tokens']) - 1)            # clipped: read only where j < L
     text = ds['tokens'][at] if len(ds['tokens']) else np.zeros_like(at)
-    T = int((np.bincount(row, weights=w, minlength=len(refs))).max())
-    out = dict(idx=np.full((len(refs), T), PAD_ID, np.int64), block=np.full((len(refs), T), -1, np.int64),
-               role=np.full((len(refs), T), PAD, np.int64), label=np.full((len(refs), T), -1, np.int64))
+    T = -(-int(np.bincount(row, weights=w, minlength=len(refs)).max()) // multiple) * multiple
+    out = {key: np.full((len(refs), T), v, np.int64) for key, v in FILL.items()}
     r, c = row[tb], col[tb] + j
     out['idx'][r, c] = np.where(j < Lt, text, np.where(j == Lt, SUM_ID, np.where(lab == 1, YES_ID, NO_ID)))
     out['block'][r, c] = (blk - first[row])[tb]
@@ -262,7 +269,7 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
                 of interaction t-n-1, outside t's window (prob is then averaged over that marker)
 
     Users are drawn together, a chunk at a time, stepping through time: a label depends on the
-    labels before it, so time is the one loop (10M interactions take about a minute).
+    labels before it, so time is the one loop (10M interactions take seconds, not hours).
     """
     assert canary in (None, 'future', 'far'), canary
     rng = np.random.default_rng(seed)
@@ -420,7 +427,7 @@ def _locate(name, path):
             if all(f in files for f in pair):
                 for f in pair:
                     if len(files[f]) > 1:
-                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({", ".join(l.split(":")[-1] for l, _ in files[f])}) '
+                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({", ".join(l[len(p) + 1:] for l, _ in files[f])}) '
                                         f'and none in {name}/ or at the top')
                 return fmt, files[pair[0]][0], files[pair[1]][0]
             if any(f in files for f in pair):

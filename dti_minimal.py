@@ -21,6 +21,7 @@ import sys
 import tempfile
 import time
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -30,7 +31,7 @@ from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
 from tqdm import tqdm
 
 import data
-from model import GPT, GPTConfig, ctr_loss, training_flops
+from model import GPT, GPTConfig, ctr_loss, to_device, training_flops
 
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m']
 MAX_PLANNED_UNITS = 10_000_000  # epochs x streams: the batch plan of a run is held in memory
@@ -102,9 +103,10 @@ def parse_args(argv=None):
     add('--n-embd', type=int, default=64, help='embedding width C')
     add('--block-size', type=int, default=2048, help='longest prompt in tokens (bounds learned positions only)')
     add('--dropout', type=float, default=0.0, help='dropout rate')
-    add('--attn', choices=['auto', 'sparse', 'dense'], default='auto',
-        help='attention path: block-sparse tiles, one dense SDPA call (the reference), or auto: '
-             'time both on the run\'s first batches and train on the faster')
+    add('--attn', choices=['auto', 'sparse', 'dense', 'flex'], default='auto',
+        help='attention path: block-sparse tiles, one dense SDPA call (the reference), FlexAttention '
+             '(CUDA), or auto: time the exact paths (flex too on CUDA) on the run\'s first batches '
+             'and train on the fastest')
     # training
     add('--epochs', type=int, default=4, help='passes over the training targets')
     add('--batch-size', type=int, default=256, help='targets per optimizer step, both modes')
@@ -178,6 +180,11 @@ def check_args(args):
         die(f'--device {args.device}: no such CUDA device here')
     if device.type == 'mps' and not torch.backends.mps.is_available():
         die(f'--device {args.device}: no MPS device here')
+    if args.attn == 'flex' and device.type != 'cuda':
+        die('--attn flex trains on CUDA only: FlexAttention has no backward on a CPU in torch 2.13 '
+            '(use --attn auto, sparse or dense)')
+    if args.attn == 'flex' and args.dropout:
+        die('--attn flex has no dropout: use --dropout 0 or another --attn')
     return args
 
 # -----------------------------------------------------------------------------
@@ -240,7 +247,7 @@ def batches(units, batch_targets, rng):
     inside shuffled pools of ~32 batches), so little is padding: full streams with full ones, a
     user's shorter last stream with its likes. The draw depends on the units' target counts only,
     so SW and DTI get the same batches of targets."""
-    n_targets = units[:, 1] - units[:, 2]
+    n_targets = data.ref_targets(units)
     pool = 32 * max(1, round(batch_targets * len(units) / n_targets.sum()))
     order = rng.permutation(len(units))
     out = []
@@ -262,7 +269,7 @@ def batches(units, batch_targets, rng):
 # training
 
 Step = namedtuple('Step', 'seconds targets loss padding')  # one optimizer step's record
-ATTENTION_PATHS = ['sparse', 'dense']  # the exact paths --attn auto times
+ATTENTION_PATHS = ['sparse', 'dense']  # the exact paths --attn auto times (and flex on CUDA)
 
 
 def model_config(args):
@@ -294,17 +301,18 @@ def autocast(device):
 def fastest_attention(model, ds, units, mode, plan, args, steps=2, repeats=3):
     """--attn auto: forward + backward of the plan's first `steps` batches on every exact path,
     interleaved, `repeats` times; the path with the smaller median. Gradients are cleared after."""
-    times = {attn: [] for attn in ATTENTION_PATHS}
+    cuda = torch.device(args.device).type == 'cuda'
+    times = {attn: [] for attn in ATTENTION_PATHS + (['flex'] if cuda and not args.dropout else [])}
     first = [{key: v.to(args.device) for key, v in data.collate_refs(ds, unit_prompts(units[batch], mode, args.n)).items()}
              for _, _, batch in plan[:steps]]  # collated once, timed 2 x repeats times
     for _ in range(repeats):
-        for attn in ATTENTION_PATHS:
+        for attn in times:  # flex's first call compiles it: the median of the repeats leaves that out
             model.config.attn = attn
             t0 = time.perf_counter()
             for b in first:
                 with autocast(args.device):
                     ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).backward()
-            if torch.device(args.device).type == 'cuda':
+            if cuda:
                 torch.cuda.synchronize()
             times[attn].append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
@@ -325,7 +333,7 @@ def train(model, ds, units, mode, args, desc='train', ckpt_dir=None, resume=None
     batch's prompts and DistributedDataParallel sums the gradients."""
     rng = np.random.default_rng(args.seed)
     opt = model.configure_optimizers(args.weight_decay, args.lr)
-    per_epoch = int((units[:, 1] - units[:, 2]).sum())
+    per_epoch = int(data.ref_targets(units).sum())
     plan = [(e, i, batch) for e in range(args.epochs)
             for i, batch in enumerate(batches(units, args.batch_size, rng))]  # (epoch, step in epoch, batch)
     start, seen, seconds, records = 0, 0, 0.0, []
@@ -333,45 +341,87 @@ def train(model, ds, units, mode, args, desc='train', ckpt_dir=None, resume=None
         start, seen, seconds, records = restore(resume, model, opt, len(plan))
     if args.attn == 'auto':  # forward and backward only: the weights and the optimizer stay as they are
         model.config.attn = fastest_attention(model, ds, units, mode, plan, args)
-    net = torch.compile(model) if getattr(args, 'compile', False) else model
+    net = torch.compile(model, dynamic=True) if getattr(args, 'compile', False) else model
     if WORLD > 1:
         net = torch.nn.parallel.DistributedDataParallel(net)
     model.train()
     bar = tqdm(total=args.epochs * per_epoch, initial=seen, unit='target', desc=desc, dynamic_ncols=True,
                disable=True if RANK else None)
+    cuda = torch.device(args.device).type == 'cuda'
+    read_every = 10 if cuda else 1  # reading a loss waits for the device: on CUDA once every 10 steps
+    host = ThreadPoolExecutor(1) if cuda else None  # on CUDA the next batch is built while this one runs
+    batch_of = lambda step: step_batch(ds, units[plan[step][2]], mode, model, args)
+    ahead = host.submit(batch_of, start) if host and start < len(plan) else None
+    window = []  # the steps since the losses were last read: [epoch, targets, padding, loss]
     for step in range(start, len(plan)):
-        epoch, _, units_of_step = plan[step]
-        t0 = time.perf_counter()
+        if not window:
+            t0 = time.perf_counter()
         for group in opt.param_groups:
             group['lr'] = learning_rate(step, len(plan), args.lr)
-        batch = unit_prompts(units[units_of_step], mode, args.n)               # (prompts, 3) references
-        mine = batch[RANK::WORLD]                                              # this rank's share only
-        b = {key: v.to(args.device) for key, v in data.collate_refs(ds, mine if len(mine) else batch[:1]).items()}
-        n_targets = int((batch[:, 1] - batch[:, 2]).sum())
-        share = int((b['label'] >= 0).sum()) / n_targets if len(mine) else 0.0  # a rank without prompts adds 0
+        if host:
+            b, attention, n_targets, share, padding = ahead.result()
+            ahead = host.submit(batch_of, step + 1) if step + 1 < len(plan) else None
+        else:
+            b, attention, n_targets, share, padding = batch_of(step)
         with autocast(args.device):
-            loss = ctr_loss(net(b['idx'], b['block'], b['role']), b['label']) * share * WORLD  # DDP averages
+            loss = ctr_loss(net(b['idx'], b['block'], b['role'], attention), b['label']) * share * WORLD  # DDP averages
         step_loss = loss.detach().float() / WORLD
         if WORLD > 1:
             dist.all_reduce(step_loss)  # the batch's mean loss, the same number on every rank
-        batch_loss = step_loss.item()  # one host sync per step
-        if not math.isfinite(batch_loss):
-            last = os.path.join(ckpt_dir or '', 'ckpt.pt')
-            kept = f'the last good checkpoint is {last}' if ckpt_dir and os.path.exists(last) else 'no checkpoint was written'
-            die(f'the loss is {batch_loss} at step {step + 1} (epoch {epoch + 1}); stopped, {kept}', code=1)
+        window.append([plan[step][0], n_targets, padding, step_loss])
+        if read_every == 1:  # read before the update: a non-finite loss stops the run before it spoils the weights
+            read_losses(window, step, ckpt_dir)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        step_seconds = time.perf_counter() - t0
-        seen, seconds = seen + n_targets, seconds + step_seconds
-        records.append(Step(step_seconds, n_targets, batch_loss, float((b['role'] == data.PAD).float().mean())))
-        bar.set_postfix(epoch=epoch + 1, loss=f'{batch_loss:.4f}', targets_per_s=f'{seen / seconds:.0f}',
-                        refresh=False)
-        bar.update(n_targets)
-        if ckpt_dir and (step + 1 == len(plan) or args.ckpt_every and (step + 1) % args.ckpt_every == 0):
+        save = ckpt_dir and (step + 1 == len(plan) or args.ckpt_every and (step + 1) % args.ckpt_every == 0)
+        if len(window) == read_every or save or step + 1 == len(plan):
+            read_losses(window, step, ckpt_dir)  # on CUDA the one wait for the device in 10 steps
+            window_seconds, window_targets = time.perf_counter() - t0, sum(w[1] for w in window)
+            records += [Step(window_seconds * t / window_targets, t, loss, padding) for _, t, padding, loss in window]
+            seen, seconds = seen + window_targets, seconds + window_seconds
+            bar.set_postfix(epoch=plan[step][0] + 1, loss=f'{records[-1].loss:.4f}', targets_per_s=f'{seen / seconds:.0f}',
+                            refresh=False)
+            bar.update(window_targets)
+            window = []
+        if save:
             save_checkpoint(ckpt_dir, model, opt, step + 1, plan[step][:2], seen, seconds, records, args)
     bar.close()
     return seen, seconds, records
+
+
+def step_batch(ds, units, mode, model, args):
+    """What one step needs, built on the host from the CPU batch of `units`: this rank's share of
+    the batch's prompts collated, and its attention plan (model.attention_plan), both on the
+    device; the batch's number of targets, this rank's share of them, and the share of padding.
+    On CUDA and under --compile token lengths are padded to a multiple of 128, so that few
+    shapes occur."""
+    batch = unit_prompts(units, mode, args.n)                                  # (prompts, 3) references
+    mine = batch[RANK::WORLD]                                                  # this rank's share only
+    bucket = 128 if torch.device(args.device).type == 'cuda' or getattr(args, 'compile', False) else 1
+    b = data.collate_refs(ds, mine if len(mine) else batch[:1], multiple=bucket)
+    if bucket > 1 and len(b['idx']) == 1:  # one prompt: torch.compile treats B=1 as a shape of its own,
+        b = {key: torch.cat([v, torch.full_like(v, data.FILL[key])]) for key, v in b.items()}  # so add a PAD row
+    n_targets = int(data.ref_targets(batch).sum())
+    share = int((b['label'] >= 0).sum()) / n_targets if len(mine) else 0.0  # a rank without prompts adds 0
+    padding = float((b['role'] == data.PAD).float().mean())
+    on_device = to_device(b, args.device)
+    where = on_device if model.config.attn == 'flex' else b  # a BlockMask's mask_mod reads block and role on the device
+    attention = to_device(model.attention_plan(where['block'], where['role']), args.device)
+    return on_device, attention, n_targets, share, padding
+
+
+def read_losses(window, step, ckpt_dir):
+    """The window's step losses as floats, read from the device at once; the first non-finite one
+    stops the run (exit 1) naming its step and the last good checkpoint. `step` is the window's last."""
+    if torch.is_tensor(window[-1][3]):
+        for w, loss in zip(window, torch.stack([w[3] for w in window]).tolist()):
+            w[3] = loss
+    for i, (epoch, _, _, loss) in enumerate(window):
+        if not math.isfinite(loss):
+            last = os.path.join(ckpt_dir or '', 'ckpt.pt')
+            kept = f'the last good checkpoint is {last}' if ckpt_dir and os.path.exists(last) else 'no checkpoint was written'
+            die(f'the loss is {loss} at step {step + 2 - len(window) + i} (epoch {epoch + 1}); stopped, {kept}', code=1)
 
 
 def restore(ckpt, model, opt, n_steps):
@@ -410,7 +460,7 @@ def flops_per_target(ds, refs, config, most=50_000):
     for s in range(0, len(order), 64):
         b = data.collate_refs(ds, refs[order[s:s + 64]])
         total += training_flops(config, b['block'], b['role'])
-    return total / int((refs[:, 1] - refs[:, 2]).sum())
+    return total / int(data.ref_targets(refs).sum())
 
 # -----------------------------------------------------------------------------
 # evaluation
@@ -538,7 +588,7 @@ def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
     model = build_model(args)
     if init is not None:  # an ALiBi model takes a learned-position model's weights but its wpe
         model.load_state_dict({key: v for key, v in init.items() if args.pos == 'learned' or 'wpe' not in key})
-    print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {int((units[:, 1] - units[:, 2]).sum())} train targets, '
+    print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {data.ref_targets(units).sum()} train targets, '
           f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
     targets_trained, train_seconds, records = train(model, ds, units, mode, args, f'train {mode}', ckpt_dir, resume)
     res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos, attn=model.config.attn,
@@ -747,26 +797,34 @@ def step_peak_mb(step):
 
 
 def bench(args):
-    """Block-sparse vs dense attention, forward + backward on one long stream, interleaved."""
-    b = bench_stream(args)
-    times = {'sparse': [], 'dense': []}
+    """Block-sparse vs dense attention (and FlexAttention on CUDA), forward + backward on one long
+    stream, interleaved; on CUDA each timing waits for the device."""
+    b = to_device(bench_stream(args), args.device)
+    cuda = torch.device(args.device).type == 'cuda'
+    times = {attn: [] for attn in ['sparse', 'dense'] + (['flex'] if cuda else [])}
     models = {attn: build_model(argparse.Namespace(**{**vars(args), 'attn': attn})) for attn in times}
+
+    def step(model):
+        with autocast(args.device):
+            model(b['idx'], b['block'], b['role']).float().sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
     for _ in tqdm(range(6), desc='bench', leave=False, disable=None):
         for attn, model in models.items():
             t0 = time.perf_counter()
-            model(b['idx'], b['block'], b['role']).sum().backward()
+            step(model)
             times[attn].append(time.perf_counter() - t0)
     ms = {attn: 1000 * float(np.median(t[1:])) for attn, t in times.items()}  # the first is warm-up
-    peak = {attn: step_peak_mb(lambda: model(b['idx'], b['block'], b['role']).sum().backward())
-            for attn, model in models.items()}
-    res = dict(tokens=b['idx'].size(1), n=args.n, mask=args.mask, pos=args.pos, sparse_ms=ms['sparse'],
-               dense_ms=ms['dense'], speedup=ms['dense'] / ms['sparse'], sparse_peak_mb=peak['sparse'],
-               dense_peak_mb=peak['dense'], torch=torch.__version__, threads=torch.get_num_threads())
+    peak = {attn: step_peak_mb(lambda: step(model)) for attn, model in models.items()}
+    res = dict(tokens=b['idx'].size(1), n=args.n, mask=args.mask, pos=args.pos, device=str(args.device),
+               **{f'{attn}_ms': ms[attn] for attn in times}, speedup=ms['dense'] / ms['sparse'],
+               **{f'{attn}_peak_mb': peak[attn] for attn in times}, torch=torch.__version__,
+               threads=torch.get_num_threads())
     path = write_json(args.out, 'bench.json', res)
     print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward (median of 5)")
     for attn in times:
-        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak memory of a step {peak[attn] or float('nan'):7.0f} MB")
-    print(f"sparse is {res['speedup']:.1f}x faster; wrote {path}")
+        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {peak[attn] or float('nan'):7.0f} MB")
+    print(f"sparse is {res['speedup']:.1f}x faster than dense; wrote {path}")
     return res
 
 # -----------------------------------------------------------------------------

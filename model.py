@@ -9,7 +9,7 @@ embeddings of <|yes|> and <|no|>. README "How it works" walks through both.
 """
 import math
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import NamedTuple
 
 import torch
@@ -37,21 +37,21 @@ class GPTConfig:
     pos: str = 'alibi'        # 'alibi' (relative) | 'learned' (absolute, nanoGPT's wpe)
     block_size: int = 2048    # longest prompt; only learned positions are bounded by it
     dropout: float = 0.0
-    attn: str = 'sparse'      # 'sparse' (block-sparse tiles) | 'dense' (one SDPA call, the reference)
+    attn: str = 'sparse'      # 'sparse' (block-sparse tiles) | 'dense' (one SDPA call, the reference) | 'flex' (CUDA)
     tile: int = 32            # query rows per tile of the sparse path
 
 # -----------------------------------------------------------------------------
 # attention masks: boolean algebra over (query, key) index grids
 
 
-def allowed_pairs(qb, qr, qpos, kb, kr, kpos, n, kind):
-    """The rules of both masks on any grid: queries (..., Q) against keys (..., K) -> (..., Q, K)
-    bool. qb/kb are block indices, qr/kr roles, qpos/kpos token positions inside the prompt."""
-    qb, qr, qpos = qb[..., :, None], qr[..., :, None], qpos[..., :, None]      # (..., Q, 1)
-    kb, kr, kpos = kb[..., None, :], kr[..., None, :], kpos[..., None, :]      # (..., 1, K)
-    self_ = qpos == kpos                                                       # (..., Q, K)
-    readable = (kr != SUM) & (kr != PAD)                                       # (..., 1, K)
-    back = qb - kb                                                             # (..., Q, K) blocks between q and k
+def pair_rules(qb, qr, qpos, kb, kr, kpos, n, kind):
+    """The rules of both masks for query-key pairs, elementwise on tensors that broadcast
+    together: qb/kb are block indices, qr/kr roles, qpos/kpos token positions in the prompt.
+    attention_mask applies them to every pair of a prompt, the sparse path to its tiles,
+    FlexAttention to one pair at a time (its mask_mod)."""
+    self_ = qpos == kpos
+    readable = (kr != SUM) & (kr != PAD)
+    back = qb - kb                                                             # blocks between q and k
     if kind == 'window':
         allowed = (kpos <= qpos) & (back <= n) & readable
     elif kind == 'isolated':
@@ -60,7 +60,13 @@ def allowed_pairs(qb, qr, qpos, kb, kr, kpos, n, kind):
         allowed = torch.where(qr == SUM, (own_block & (kr == TEXT)) | window, own_block)
     else:
         raise ValueError(f'unknown mask {kind!r}')
-    return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))     # (..., Q, K)
+    return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))
+
+
+def allowed_pairs(qb, qr, qpos, kb, kr, kpos, n, kind):
+    """pair_rules on a grid: queries (..., Q) against keys (..., K) -> (..., Q, K) bool."""
+    return pair_rules(qb[..., :, None], qr[..., :, None], qpos[..., :, None],  # (..., Q, 1)
+                      kb[..., None, :], kr[..., None, :], kpos[..., None, :], n, kind)  # (..., 1, K)
 
 
 def attention_mask(block, role, n, kind):
@@ -194,6 +200,61 @@ def sparse_attention(q, k, v, tiles, dropout_p=0.0):
     return y[:, :, :T]                                                         # (B, nh, T, hs)
 
 
+# -----------------------------------------------------------------------------
+# FlexAttention (the CUDA path): the same rules as a mask_mod, ALiBi as a score_mod
+
+
+def flex_block_mask(block, role, n, kind, block_size=128):
+    """The masks of a batch ((B, T) block and role) as a FlexAttention BlockMask: mask_mod states
+    pair_rules for one (query, key) pair, and the BlockMask records which block_size x block_size
+    tiles of the (T, T) grid hold any allowed pair, so that only those are computed. Built once
+    per batch and shared by every layer."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    B, T = block.shape
+
+    def mask_mod(b, h, q, k):
+        return pair_rules(block[b, q], role[b, q], q, block[b, k], role[b, k], k, n, kind)
+    return create_block_mask(mask_mod, B, None, T, T, device=block.device, BLOCK_SIZE=block_size)
+
+
+@cache
+def compiled_flex_attention():
+    """FlexAttention compiled into one fused kernel; compiled once per process (CUDA)."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention)
+
+
+def flex_attention(q, k, v, block_mask, slopes=None, dropout_p=0.0):
+    """FlexAttention over a flex_block_mask, with ALiBi (slopes (nh,)) as a score_mod adding
+    -slope_h * (q - k): (B, nh, T, hs) like the dense call. Compiled on CUDA; elsewhere the eager
+    reference runs, which torch 2.13 supports for inference only (no backward on a CPU). It has
+    no dropout."""
+    from torch.nn.attention import flex_attention as fa
+    if dropout_p:
+        raise ValueError('FlexAttention has no dropout')
+    score_mod = None if slopes is None else (lambda score, b, h, qi, ki: score - slopes[h] * (qi - ki))
+    run = compiled_flex_attention() if q.device.type == 'cuda' else fa.flex_attention
+    return run(q, k, v, score_mod=score_mod, block_mask=block_mask)                # (B, nh, T, hs)
+
+
+def to_device(x, device):
+    """A batch or an attention plan (tensors, Tiles, a BlockMask, or dicts and lists of them) on
+    `device`; from the CPU to CUDA through pinned memory, without waiting for the copy."""
+    if isinstance(x, torch.Tensor):
+        cuda = torch.device(device).type == 'cuda' and x.device.type == 'cpu'
+        return (x.pin_memory() if cuda else x).to(device, non_blocking=True)
+    if isinstance(x, Tiles):
+        return Tiles(*(to_device(t, device) for t in x))
+    if isinstance(x, dict):
+        return {key: to_device(v, device) for key, v in x.items()}
+    if isinstance(x, list):
+        return [to_device(v, device) for v in x]
+    return x.to(device)  # a BlockMask
+
+# -----------------------------------------------------------------------------
+# analytic cost
+
+
 def training_flops(config, block, role):
     """Analytic training FLOPs of one batch ((B, T) block and role) under `config`, the way
     nanoGPT's and nanochat's estimates count them: a forward layer costs 24*T*C^2 in its
@@ -263,7 +324,7 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.mask in ('isolated', 'window') and config.pos in ('alibi', 'learned')
-        assert config.attn in ('sparse', 'dense')
+        assert config.attn in ('sparse', 'dense', 'flex')
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -285,8 +346,24 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, block, role):
-        """(B, T) token ids, block indices and roles -> (B, T) CTR logits, meaningful at [SUM]."""
+    def attention_plan(self, block, role):
+        """Who sees whom in a batch ((B, T) block and role), worked out once for all layers: the
+        sparse path's tiles, the dense SDPA mask, or the FlexAttention BlockMask (config.attn).
+        It is the one part of a step whose shapes depend on the data (sparse_tiles counts rows),
+        so the trainer builds it on the host before the step, and the step itself has no
+        data-dependent control flow."""
+        cfg = self.config
+        slopes = alibi_slopes(cfg.n_head).to(self.transformer.wte.weight.dtype) if cfg.pos == 'alibi' else None
+        if cfg.attn == 'sparse':
+            return sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
+        if cfg.attn == 'flex':
+            return flex_block_mask(block, role, cfg.n, cfg.mask)
+        pos = torch.arange(block.size(1), device=block.device).expand_as(block)  # (B, T)
+        return sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
+
+    def forward(self, idx, block, role, plan=None):
+        """(B, T) token ids, block indices and roles -> (B, T) CTR logits, meaningful at [SUM].
+        `plan` is attention_plan(block, role), built here when not given."""
         B, T = idx.size()
         cfg = self.config
         # one lookup for the tokens and the read-out rows <|yes|>, <|no|>: two lookups would build
@@ -299,16 +376,16 @@ class GPT(nn.Module):
                 raise ValueError(f'prompt of {T} tokens is longer than block_size={cfg.block_size}')
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         x = self.transformer.drop(x)
-        # who sees whom, worked out once for all layers: attend(q, k, v, dropout_p) runs attention
-        # over the sparse path's tiles or with one dense mask
-        slopes = alibi_slopes(cfg.n_head).to(x.device, x.dtype) if cfg.pos == 'alibi' else None
+        # attend(q, k, v, dropout_p): attention over the plan's tiles, with its dense mask, or
+        # FlexAttention over its BlockMask with ALiBi as a score_mod
+        plan = self.attention_plan(block, role) if plan is None else plan
         if cfg.attn == 'sparse':
-            tiles = sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
-            attend = partial(sparse_attention, tiles=tiles)
+            attend = partial(sparse_attention, tiles=plan)
+        elif cfg.attn == 'flex':
+            slopes = alibi_slopes(cfg.n_head).to(x.device, x.dtype) if cfg.pos == 'alibi' else None
+            attend = partial(flex_attention, block_mask=plan, slopes=slopes)
         else:
-            pos = torch.arange(T, device=idx.device).expand(B, T)              # (B, T)
-            mask = sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
-            attend = partial(F.scaled_dot_product_attention, attn_mask=mask)
+            attend = partial(F.scaled_dot_product_attention, attn_mask=plan)
         with sdpa_kernel(SDPA_BACKENDS):
             for layer in self.transformer.h:  # a transformer Block (GPT-2's name), not a block of tokens
                 x = layer(x, attend)                                           # (B, T, C)

@@ -93,3 +93,65 @@ def test_every_tile_range_is_tight_and_covers_its_rows(n, k, m, mask, tile, seed
         covered.index_put_((torch.arange(B)[:, None].expand_as(g.rows)[g.real], g.rows[g.real]), torch.tensor(1),
                            accumulate=True)
     assert torch.equal(covered, (b['role'] != data.PAD).long())  # every real row exactly once, PAD rows never
+
+
+# -----------------------------------------------------------------------------
+# FlexAttention (the CUDA path) and the compiled step
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 6), k=st.integers(1, 10), m=st.integers(2, 30), max_text=st.integers(1, 40),
+       mask=st.sampled_from(['isolated', 'window']), pos=st.sampled_from(['alibi', 'learned']),
+       n_layer=st.integers(1, 3), mode=st.sampled_from(['sw', 'dti']), seed=st.integers(0, 2**16))
+@pytest.mark.filterwarnings('ignore:flex_attention called without torch.compile')
+def test_flex_equals_dense_in_eval_within_1e5(n, k, m, max_text, mask, pos, n_layer, mode, seed):
+    """--attn flex states the masks as a mask_mod (the same pair_rules) and ALiBi as a score_mod:
+    in eval, in fp32, its logits equal the dense reference's within 1e-5 on random layouts
+    (FlexAttention has no backward on a CPU in torch 2.13; on CUDA it trains)."""
+    rng = np.random.default_rng(seed)
+    histories = [random_history(rng, n + m, max_text), random_history(rng, n + max(1, m // 3), max_text)]
+    prompts = [p for h in histories for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
+    b = data.collate([prompts[i] for i in rng.permutation(len(prompts))[:6]])
+    net = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed, std=0.1)
+    logits = {}
+    with torch.no_grad():
+        for attn in ('dense', 'flex'):
+            net.config.attn = attn
+            logits[attn] = net(b['idx'], b['block'], b['role'])
+    real = b['role'] != data.PAD
+    torch.testing.assert_close(logits['flex'][real], logits['dense'][real], atol=1e-5, rtol=1e-5)
+
+
+def test_flex_block_mask_holds_exactly_the_masks_pairs():
+    """The BlockMask's mask_mod, evaluated on every pair, is attention_mask: the same rules."""
+    rng = np.random.default_rng(1)
+    b = data.collate(data.dti_streams(random_history(rng, 30, 9), 3, 5) + data.sw_prompts(random_history(rng, 6), 3))
+    for kind in ('window', 'isolated'):
+        bm = model.flex_block_mask(b['block'], b['role'], 3, kind, block_size=16)
+        B, T = b['block'].shape
+        q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
+        dense = torch.stack([bm.mask_mod(torch.tensor(i), torch.tensor(0), q, k) for i in range(B)])  # (B, T, T)
+        assert torch.equal(dense, model.attention_mask(b['block'], b['role'], 3, kind)[:, 0])
+
+
+def test_a_training_step_compiles_whole_with_a_precomputed_plan():
+    """With the attention plan built before the step (as the trainer does), forward, loss and
+    backward compile as one graph: torch.compile(fullgraph=True) raises at any graph break. The
+    compiled step gives the eager loss and gradients."""
+    rng = np.random.default_rng(0)
+    b = data.collate(data.dti_streams(random_history(rng, 24, 7), 3, 5) + data.sw_prompts(random_history(rng, 9), 3))
+    net = small_model(n=3, std=0.1).train()  # the sparse path
+    plan = net.attention_plan(b['block'], b['role'])
+
+    def step(idx, block, role, label, plan):
+        return model.ctr_loss(net(idx, block, role, plan), label)
+    results = []
+    for run in (step, torch.compile(step, fullgraph=True)):
+        net.zero_grad()
+        loss = run(b['idx'], b['block'], b['role'], b['label'], plan)
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in net.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    assert abs(eager - compiled) < 1e-5
+    for a, c in zip(eager_grads, compiled_grads):
+        torch.testing.assert_close(c, a, atol=1e-5, rtol=1e-4)

@@ -72,7 +72,7 @@ def test_max_train_targets_gives_both_modes_the_same_first_targets():
     ds = dti_minimal.load_dataset(args)
     sw, p_sw = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10, max_targets=333)
     dti, p_dti = dti_minimal.make_prompts(ds, 0, 'dti', 5, 10, max_targets=333)
-    targets = lambda refs: int((refs[:, 1] - refs[:, 2]).sum())
+    targets = lambda refs: int(data.ref_targets(refs).sum())
     assert targets(sw) == targets(dti) == len(p_sw) == len(dti_minimal.target_labels(ds, sw)) == 333
     assert np.array_equal(dti_minimal.target_labels(ds, sw), dti_minimal.target_labels(ds, dti))
     full, p_full = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10)
