@@ -618,11 +618,11 @@ def train_and_report(args, ckpt):
     t0 = time.perf_counter()
     ds = load_dataset(args)
     prepared = prepare(args, ds, args.mode, args.k)
-    prepare_seconds = time.perf_counter() - t0
-    print(f'data prepared in {prepare_seconds:.1f}s')
+    prepare_seconds, prepare_peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
+    print(f'data prepared in {prepare_seconds:.1f}s, peak memory so far {prepare_peak_rss_mb:.0f} MB')
     res, _ = run(args, ds, args.mode, args.k, prepared, ckpt_dir=args.out, resume=ckpt)
     res.update({f'baseline_test_{key}': v for key, v in baseline(ds, args.n).items()})
-    res.update(prepare_seconds=prepare_seconds, peak_rss_mb=peak_rss_mb())
+    res.update(prepare_seconds=prepare_seconds, prepare_peak_rss_mb=prepare_peak_rss_mb, peak_rss_mb=peak_rss_mb())
     path = write_json(args.out, 'results.json', res)
     print()
     print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
