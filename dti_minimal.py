@@ -148,9 +148,11 @@ def check_args(args):
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
     if args.mode == 'bench' and args.n > BENCH_MAX_N:
-        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: --n at most {BENCH_MAX_N}, got {args.n}')
+        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: '
+            f'--n at most {BENCH_MAX_N}, got {args.n}')
     if args.mode != 'bench' and args.dataset.startswith('synthetic') and args.n >= args.history[1]:
-        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), so none has a target')
+        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), '
+            f'so none has a target')
     params = (data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2
               + (args.block_size * args.n_embd if args.pos == 'learned' else 0))  # ALiBi has no position table
     memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
@@ -303,7 +305,7 @@ def fastest_attention(model, ds, units, mode, plan, args, steps=2, repeats=3):
     interleaved, `repeats` times; the path with the smaller median. Gradients are cleared after."""
     cuda = torch.device(args.device).type == 'cuda'
     times = {attn: [] for attn in ATTENTION_PATHS + (['flex'] if cuda and not args.dropout else [])}
-    first = [{key: v.to(args.device) for key, v in data.collate_refs(ds, unit_prompts(units[batch], mode, args.n)).items()}
+    first = [to_device(data.collate_refs(ds, unit_prompts(units[batch], mode, args.n)), args.device)
              for _, _, batch in plan[:steps]]  # collated once, timed 2 x repeats times
     for _ in range(repeats):
         for attn in times:  # flex's first call compiles it: the median of the repeats leaves that out
@@ -324,9 +326,10 @@ def fastest_attention(model, ds, units, mode, plan, args, steps=2, repeats=3):
 
 def train(model, ds, units, mode, args, desc='train', ckpt_dir=None, resume=None):
     """AdamW on BCE at target [SUM]s over `units` (train_units) of `ds`, SW prompts or DTI streams
-    by `mode`; each batch's tensors are built when its step comes (data.collate_refs). Returns (targets trained, seconds
-    spent, one Step per optimizer step); the clock covers collation, forward, backward and the
-    update. With --attn auto, model.config.attn is first set to the faster exact path.
+    by `mode`; each batch's tensors and attention plan are built when its step comes (step_batch).
+    Returns (targets trained, seconds spent, one Step per optimizer step); the clock covers
+    collation, the plan, forward, backward and the update (on CUDA, over windows of 10 steps).
+    With --attn auto, model.config.attn is first set to the fastest exact path.
     The batches of every epoch are drawn up front from args.seed, so a run is a fixed list of steps:
     with ckpt_dir, DIR/ckpt.pt is written every args.ckpt_every steps and at the end, and `resume`
     (a loaded checkpoint) continues at its step. Under torchrun every rank takes its share of each
@@ -380,13 +383,15 @@ def train(model, ds, units, mode, args, desc='train', ckpt_dir=None, resume=None
             window_seconds, window_targets = time.perf_counter() - t0, sum(w[1] for w in window)
             records += [Step(window_seconds * t / window_targets, t, loss, padding) for _, t, padding, loss in window]
             seen, seconds = seen + window_targets, seconds + window_seconds
-            bar.set_postfix(epoch=plan[step][0] + 1, loss=f'{records[-1].loss:.4f}', targets_per_s=f'{seen / seconds:.0f}',
-                            refresh=False)
+            bar.set_postfix(epoch=plan[step][0] + 1, loss=f'{records[-1].loss:.4f}',
+                            targets_per_s=f'{seen / seconds:.0f}', refresh=False)
             bar.update(window_targets)
             window = []
         if save:
             save_checkpoint(ckpt_dir, model, opt, step + 1, plan[step][:2], seen, seconds, records, args)
     bar.close()
+    if host:
+        host.shutdown()
     return seen, seconds, records
 
 
@@ -420,7 +425,8 @@ def read_losses(window, step, ckpt_dir):
     for i, (epoch, _, _, loss) in enumerate(window):
         if not math.isfinite(loss):
             last = os.path.join(ckpt_dir or '', 'ckpt.pt')
-            kept = f'the last good checkpoint is {last}' if ckpt_dir and os.path.exists(last) else 'no checkpoint was written'
+            kept = (f'the last good checkpoint is {last}' if ckpt_dir and os.path.exists(last)
+                    else 'no checkpoint was written')
             die(f'the loss is {loss} at step {step + 2 - len(window) + i} (epoch {epoch + 1}); stopped, {kept}', code=1)
 
 
@@ -433,7 +439,8 @@ def restore(ckpt, model, opt, n_steps):
         for p in model.parameters():  # a foreign optimizer state may load, then fail at its first step
             for v in opt.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}')
+                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} '
+                                     f'for a parameter of {tuple(p.shape)}')
         records = [Step(*r) for r in ckpt['records']]
         if not 0 < ckpt['step'] <= n_steps or len(records) != ckpt['step']:
             raise ValueError(f"step {ckpt['step']} with {len(records)} step records, in a run of {n_steps} steps")

@@ -353,7 +353,8 @@ class GPT(nn.Module):
         so the trainer builds it on the host before the step, and the step itself has no
         data-dependent control flow."""
         cfg = self.config
-        slopes = alibi_slopes(cfg.n_head).to(self.transformer.wte.weight.dtype) if cfg.pos == 'alibi' else None
+        dtype = self.transformer.wte.weight.dtype                              # the model's float type
+        slopes = alibi_slopes(cfg.n_head).to(block.device, dtype) if cfg.pos == 'alibi' else None
         if cfg.attn == 'sparse':
             return sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
         if cfg.attn == 'flex':
