@@ -71,7 +71,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     Only the order of float32 sums differs (gradients over ranks, losses per rank), about 1e-7
     per step; at this learning rate training is stable, so the metrics agree to 1e-5. (At lr 3e-3
     this tiny run has a loss spike that amplifies any reordering of sums, one process or two.)"""
-    flags = TINY + ['--lr', '1e-3', '--attn', 'sparse']
+    flags = TINY + ['--attn', 'sparse']
     one = cli(*flags, '--out', str(tmp_path / 'one'))
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', '--',
                           'dti_minimal.py', *flags, '--out', str(tmp_path / 'two')],
@@ -179,7 +179,7 @@ def test_no_cuda_device_here(capsys):
 @pytest.mark.parametrize('flags,message', [
     (['--n-embd', '64'], '--resume: --n-embd 64 changes the model shape (the checkpoint has 32)'),
     (['--pos', 'learned'], '--resume: --pos learned changes the model shape'),
-    (['--lr', '0.01'], '--resume: --lr 0.01 differs from the checkpoint (0.003)'),
+    (['--lr', '0.01'], '--resume: --lr 0.01 differs from the checkpoint (0.001)'),
     (['--k', '7'], '--resume: --k 7 differs from the checkpoint (10)'),
 ])
 def test_resume_with_other_arguments(flags, message, checkpoint_dir, capsys):

@@ -27,7 +27,9 @@ def test_end_to_end_run_writes_results(mode, tmp_path):
 
 
 def test_training_reduces_the_loss():
-    args = dti_minimal.parse_args(TINY + ['--epochs', '3', '--lr', '3e-3'])
+    """Three epochs take the loss of the train targets from ln 2 (0.69) to 0.47-0.50 for seeds 0-5
+    on both attention paths; the bar, a drop of 0.1, is half of that."""
+    args = dti_minimal.parse_args(TINY + ['--epochs', '3'])
     ds = dti_minimal.load_dataset(args)
     units = dti_minimal.train_units(ds, args.n, args.k)
     torch.manual_seed(0)
@@ -41,7 +43,7 @@ def test_training_reduces_the_loss():
     trained, seconds, records = dti_minimal.train(model, ds, units, 'dti', args)
     assert trained == 3 * int((b['label'] >= 0).sum()) == sum(r.targets for r in records)
     assert seconds > 0 and len(records) > 10
-    assert loss() < before - 0.05, (before, loss())
+    assert loss() < before - 0.1, (before, loss())
 
 
 def test_sw_and_dti_evaluation_agree_under_isolated_alibi():
