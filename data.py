@@ -1,13 +1,14 @@
 """
-Data for dti-minimal: tokenizer, item text, synthetic CTR data, SW prompts and DTI streams.
+Data for dti-minimal: tokenizer, the data set in columns, SW prompts and DTI streams, synthetic
+CTR data and MovieLens.
 
 Every interaction is one *block* of tokens:
 
     [ item text tokens ...... ] [SUM] [LABEL]
       "Amber Falcon | Thriller"          <|yes|> or <|no|>
 
-A user's history is a time-ordered list of blocks `(text_ids, label)`. A prompt (SW) or a stream
-(DTI) is a run of consecutive blocks flattened into four aligned int arrays:
+A prompt (SW) or a stream (DTI) is a run of consecutive blocks of one user, held as a reference
+(first block, end block, first target) and turned into four aligned (B, T) arrays per batch:
     idx   token ids
     block index of the token's block inside the prompt, 0 .. blocks-1 (-1 for padding)
     role  TEXT, SUM, LABEL or PAD
@@ -23,6 +24,7 @@ import re
 import stat
 import tempfile
 import urllib.request
+import warnings
 import zipfile
 import zlib
 
@@ -37,6 +39,7 @@ TEXT, SUM, LABEL, PAD = 0, 1, 2, 3
 SUM_ID, YES_ID, NO_ID, PAD_ID = 50257, 50258, 50259, 50260
 VOCAB_SIZE = 50261
 SPECIAL_TOKENS = {'<|endoftext|>': 50256, '[SUM]': SUM_ID, '<|yes|>': YES_ID, '<|no|>': NO_ID, '[PAD]': PAD_ID}
+MAX_TEXT_TOKENS = 64  # an item text is cut to this many tokens, so memory follows the data, not its longest line
 
 
 @functools.lru_cache(maxsize=None)
@@ -61,53 +64,8 @@ def encode_text(text):
     return get_tokenizer().encode_ordinary(text)
 
 # -----------------------------------------------------------------------------
-# blocks -> prompts
-
-
-def _flatten(blocks, first_target):
-    """Blocks -> one prompt; blocks from index first_target on are targets (loss at their [SUM])."""
-    idx, block, role, label = [], [], [], []
-    for b, (text_ids, y) in enumerate(blocks):
-        L = len(text_ids)
-        idx += list(text_ids) + [SUM_ID, YES_ID if y else NO_ID]
-        block += [b] * (L + 2)
-        role += [TEXT] * L + [SUM, LABEL]
-        label += [-1] * L + [int(y) if b >= first_target else -1, -1]
-    return {k: np.array(v, dtype=np.int64) for k, v in
-            dict(idx=idx, block=block, role=role, label=label).items()}
-
-
-def sw_prompts(blocks, n):
-    """Sliding window: one prompt per target i = n .. m-1, holding blocks i-n .. i (target last)."""
-    return [_flatten(blocks[i - n:i + 1], first_target=n) for i in range(n, len(blocks))]
-
-
-def dti_streams(blocks, n, k):
-    """DTI: one stream per k consecutive targets s .. s+k-1, holding blocks s-n .. s+k-1.
-    The first n blocks of a stream are context; the last stream may hold fewer than k targets."""
-    return [_flatten(blocks[s - n:s + k], first_target=n) for s in range(n, len(blocks), k)]
-
-
-FILL = dict(idx=PAD_ID, block=-1, role=PAD, label=-1)  # what a padding token holds in each array
-
-
-def collate(prompts):
-    """List of prompts -> dict of (B, T) long tensors, right-padded with [PAD] / role PAD."""
-    T = max(len(p['idx']) for p in prompts)
-    out = {key: np.full((len(prompts), T), v, dtype=np.int64) for key, v in FILL.items()}
-    for b, p in enumerate(prompts):
-        for key in FILL:
-            out[key][b, :len(p[key])] = p[key]
-    return {key: torch.from_numpy(v) for key, v in out.items()}
-
-
-def targets_of(prompts):
-    """Number of target [SUM]s in a list of prompts."""
-    return sum(int((p['label'] >= 0).sum()) for p in prompts)
-
-# -----------------------------------------------------------------------------
-# data sets, columnar. Users one after another, each user's interactions in time order, one block
-# each; a data set is a dict of flat arrays over all blocks:
+# the data set, in columns. Users one after another, each user's interactions in time order, one
+# block each; a data set is a dict of flat arrays over all blocks:
 #   tokens       int32, the text token ids of every block, concatenated
 #   token_start  int64 (blocks + 1,): block b's text is tokens[token_start[b]:token_start[b + 1]]
 #   label        int8, 1 clicked (liked), 0 not
@@ -115,16 +73,16 @@ def targets_of(prompts):
 #   split        int8, 0 train, 1 valid, 2 test (non-decreasing within a user)
 #   prob         float64, P(click | what the target's window shows), NaN where nobody knows it
 #   user_start   int64 (users + 1,): user u's blocks are user_start[u] .. user_start[u + 1] - 1
-#   name         the data set's name
-# A prompt or a stream is then a *reference* (first, end, first_target): blocks first .. end-1 of
-# one user, the targets from first_target on. collate_refs builds a batch's padded tensors from
-# its references, so nothing ever holds every prompt: memory grows with the data, not with n.
+#   name, cut    the data set's name; how many item texts were cut to MAX_TEXT_TOKENS
 
 
 def build_dataset(name, texts, text_of_block, label, item, split, prob, lengths):
     """The columnar data set of per-block arrays and users' lengths; `texts` are the distinct
-    item texts (each tokenized once) and text_of_block indexes them."""
-    ids = [encode_text(t) for t in tqdm(texts, desc='tokenize', unit='text', leave=False, disable=None)]
+    item texts (each tokenized once, cut to MAX_TEXT_TOKENS) and text_of_block indexes them."""
+    ids = [encode_text(t[:20 * MAX_TEXT_TOKENS]) for t in tqdm(texts, desc='tokenize', unit='text', leave=False,
+                                                              disable=None)]
+    cut = sum(len(i) > MAX_TEXT_TOKENS for i in ids)
+    ids = [i[:MAX_TEXT_TOKENS] for i in ids]
     text_len = np.array([len(i) for i in ids], dtype=np.int64)                     # (texts,)
     text_tokens = np.array([t for i in ids for t in i], dtype=np.int32)
     text_start = np.r_[0, np.cumsum(text_len)]
@@ -138,24 +96,11 @@ def build_dataset(name, texts, text_of_block, label, item, split, prob, lengths)
     return dict(tokens=tokens, token_start=token_start, label=np.asarray(label, dtype=np.int8),
                 item=np.asarray(item, dtype=np.int64), split=np.asarray(split, dtype=np.int8),
                 prob=np.asarray(prob, dtype=np.float64), user_start=np.r_[0, np.cumsum(lengths)].astype(np.int64),
-                name=name)
+                name=name, cut=cut)
 
 
-def from_histories(histories, splits, probs=None, items=None, name='histories'):
-    """A data set from per-user lists of blocks (text ids, label), the readable form that
-    sw_prompts and dti_streams take, with each block's split (and true probability, item id)."""
-    lengths = [len(h) for h in histories]
-    L = np.array([len(ids) for h in histories for ids, _ in h], dtype=np.int64)
-    cat = lambda xs, fill, dtype: np.concatenate([np.asarray(x, dtype) for x in xs]) if xs is not None else \
-        np.full(len(L), fill, dtype)
-    return dict(tokens=np.array([t for h in histories for ids, _ in h for t in ids], dtype=np.int32),
-                token_start=np.r_[0, np.cumsum(L)], label=np.array([y for h in histories for _, y in h], np.int8),
-                item=cat(items, -1, np.int64), split=cat(splits, 0, np.int8), prob=cat(probs, np.nan, np.float64),
-                user_start=np.r_[0, np.cumsum(lengths)].astype(np.int64), name=name)
-
-
-def history(ds, u):
-    """User u's history as the list of blocks (text ids, label) that sw_prompts and dti_streams take."""
+def user_blocks(ds, u):
+    """User u's interactions as a list of blocks (text ids, label), in time order."""
     a, b = ds['user_start'][u], ds['user_start'][u + 1]
     t = ds['token_start']
     return [(ds['tokens'][t[i]:t[i + 1]].tolist(), int(ds['label'][i])) for i in range(a, b)]
@@ -171,7 +116,7 @@ def segments(ds, split, n):
     """The runs of blocks whose targets are the interactions of `split`, one run per user, each
     with the n blocks before its first target as context (history is history, whatever its split).
     Returns (runs, prob): runs as (start, end) block ranges, n context blocks first, and the
-    targets' true probabilities in the order that sw_refs and dti_refs emit the targets."""
+    targets' true probabilities in the order that sw_prompts and dti_streams emit the targets."""
     at = np.flatnonzero(ds['split'] == split)               # a user's blocks of one split are contiguous
     user = np.searchsorted(ds['user_start'], at, side='right') - 1
     new = np.r_[True, user[1:] != user[:-1]][:len(at)]     # the first block of each user's run
@@ -183,45 +128,101 @@ def segments(ds, split, n):
     return runs, prob
 
 
-def sw_refs(runs, n):
-    """sw_prompts over runs, as references: one per target t, blocks t-n .. t."""
+def fingerprint(ds):
+    """A short hash of every column: two data sets with the same fingerprint hold the same blocks."""
+    h = hashlib.sha256(ds['name'].encode())
+    for key in ('tokens', 'token_start', 'label', 'item', 'split', 'prob', 'user_start'):
+        h.update(np.ascontiguousarray(ds[key]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def describe(ds, n):
+    """One paragraph of statistics: users, items, interactions, positive rate, targets, tokens per block."""
+    targets = np.bincount(ds['split'][positions(ds) >= n], minlength=3)
+    tokens = np.diff(ds['token_start']) + 2
+    cut = f' ({ds["cut"]} item texts cut to {MAX_TEXT_TOKENS} tokens)' if ds['cut'] else ''
+    return (f"{ds['name']}: {len(ds['user_start']) - 1} users, {len(np.unique(ds['item']))} items, "
+            f"{len(ds['label'])} interactions, {ds['label'].mean():.1%} positive; targets with n={n} predecessors: "
+            f"train {targets[0]}, valid {targets[1]}, test {targets[2]}; tokens per block: "
+            f"mean {tokens.mean():.1f}, max {tokens.max()}{cut}")
+
+# -----------------------------------------------------------------------------
+# prompts. A prompt is a reference (first, end, first_target) to blocks first .. end-1 of one
+# user, the targets from first_target on; nothing ever holds every prompt's tokens, so memory
+# grows with the data, not with n. `runs` are segments(): (start, end) block ranges.
+
+
+def sw_prompts(runs, n):
+    """Sliding window: one prompt per target t, holding blocks t-n .. t (the target last)."""
     t = np.concatenate([np.arange(a + n, b) for a, b in runs]) if len(runs) else np.zeros(0, np.int64)
     return np.stack([t - n, t + 1, t], axis=1)
 
 
-def dti_refs(runs, n, k):
-    """dti_streams over runs, as references: one per k consecutive targets s .. s+k-1, blocks s-n .. s+k-1."""
+def dti_streams(runs, n, k):
+    """DTI: one stream per k consecutive targets s .. s+k-1, holding blocks s-n .. s+k-1: n context
+    blocks, then the targets. A user's last stream may hold fewer than k targets."""
     s = [np.arange(a + n, b, k) for a, b in runs]
     s, end = (np.concatenate(s), np.concatenate([np.minimum(x + k, b) for x, (_, b) in zip(s, runs)])) if s else \
         (np.zeros(0, np.int64), np.zeros(0, np.int64))
     return np.stack([s - n, end, s], axis=1)
 
 
-def ref_tokens(ds, refs):
-    """Tokens of each referenced prompt: its text tokens plus [SUM] and a label token per block."""
-    first, end = refs[:, 0], refs[:, 1]
+def prompt_tokens(ds, prompts):
+    """Tokens of each prompt: its text tokens plus [SUM] and a label token per block."""
+    first, end = prompts[:, 0], prompts[:, 1]
     return ds['token_start'][end] - ds['token_start'][first] + 2 * (end - first)
 
 
-def ref_targets(refs):
-    """Targets of each referenced prompt."""
-    return refs[:, 1] - refs[:, 2]
+def prompt_targets(prompts):
+    """Targets of each prompt."""
+    return prompts[:, 1] - prompts[:, 2]
 
 
-def ref_labels(ds, refs):
-    """The labels of the references' targets, in order."""
-    return np.concatenate([ds['label'][t:e] for _, e, t in refs]).astype(np.int64) if len(refs) else np.zeros(0, np.int64)
+def target_blocks(prompts):
+    """The block of every target of the prompts, in order (a prompt's targets in position order)."""
+    return np.concatenate([np.arange(t, e) for _, e, t in prompts]) if len(prompts) else np.zeros(0, np.int64)
 
 
-def collate_refs(ds, refs, multiple=1):
-    """References (first, end, first_target) -> the (B, T) tensors that collate() gives for the
-    prompts they stand for, built straight from the flat arrays (the tests check token for token);
-    with `multiple`, T is padded up to a multiple of it."""
-    refs = np.asarray(refs, dtype=np.int64).reshape(-1, 3)
-    first, end, first_target = refs.T
+def target_labels(ds, prompts):
+    """The labels of the prompts' targets, in order."""
+    return ds['label'][target_blocks(prompts)].astype(np.int64)
+
+
+FILL = dict(idx=PAD_ID, block=-1, role=PAD, label=-1)  # what a padding token holds in each array
+
+
+def collate(ds, prompts, multiple=1):
+    """Prompts -> a batch: dict of (B, T) long tensors (the four arrays of the module docstring),
+    right-padded with FILL, T a multiple of `multiple`. Each block of a prompt is its text, then
+    [SUM], then its label token; the [SUM] of a target block carries the label."""
+    rows = []
+    for first, end, first_target in np.asarray(prompts).reshape(-1, 3).tolist():
+        start = ds['token_start'][first:end + 1].tolist()
+        tokens = ds['tokens'][start[0]:start[-1]].tolist()
+        idx, block, role, label = [], [], [], []
+        for b, y in enumerate(ds['label'][first:end].tolist()):
+            text = tokens[start[b] - start[0]:start[b + 1] - start[0]]
+            idx += text + [SUM_ID, YES_ID if y else NO_ID]
+            block += [b] * (len(text) + 2)
+            role += [TEXT] * len(text) + [SUM, LABEL]
+            label += [-1] * len(text) + [y if first + b >= first_target else -1, -1]
+        rows.append((idx, block, role, label))
+    T = -(-max(len(r[0]) for r in rows) // multiple) * multiple
+    out = {key: np.full((len(rows), T), v, np.int64) for key, v in FILL.items()}
+    for i, row in enumerate(rows):
+        for key, values in zip(FILL, row):
+            out[key][i, :len(values)] = values
+    return {key: torch.from_numpy(v) for key, v in out.items()}
+
+
+def collate_fast(ds, prompts, multiple=1):
+    """collate(), vectorised over all blocks of the batch at once: 10-20x faster, which the
+    trainer needs (an SW batch is 256 prompts of 21 blocks). Equal token for token:
+    tests/test_data.py::test_collate_fast_equals_collate."""
+    first, end, first_target = np.asarray(prompts, dtype=np.int64).reshape(-1, 3).T
     nb = end - first                                                         # (B,) blocks per prompt
-    row = np.repeat(np.arange(len(refs)), nb)                                # (N,) prompt of each block
-    blk = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + first[row]  # (N,) global block
+    row = np.repeat(np.arange(len(nb)), nb)                                  # (N,) prompt of each block
+    blk = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + first[row]  # (N,) block in the data set
     L = ds['token_start'][blk + 1] - ds['token_start'][blk]                  # (N,) text tokens
     w = L + 2                                                                # (N,) + [SUM] + label token
     g = np.cumsum(w) - w                                                     # block starts, rows laid end to end
@@ -229,16 +230,19 @@ def collate_refs(ds, refs, multiple=1):
     tb = np.repeat(np.arange(len(blk)), w)                                   # (tokens,) block of each token
     j = np.arange(len(tb)) - g[tb]                                           # (tokens,) place in its block
     Lt, lab = L[tb], ds['label'][blk][tb]
-    at = np.minimum(ds['token_start'][blk][tb] + j, len(ds['tokens']) - 1)            # clipped: read only where j < L
+    at = np.minimum(ds['token_start'][blk][tb] + j, len(ds['tokens']) - 1)   # clipped: read only where j < L
     text = ds['tokens'][at] if len(ds['tokens']) else np.zeros_like(at)
-    T = -(-int(np.bincount(row, weights=w, minlength=len(refs)).max()) // multiple) * multiple
-    out = {key: np.full((len(refs), T), v, np.int64) for key, v in FILL.items()}
+    T = -(-int(np.bincount(row, weights=w, minlength=len(nb)).max()) // multiple) * multiple
+    out = {key: np.full((len(nb), T), v, np.int64) for key, v in FILL.items()}
     r, c = row[tb], col[tb] + j
     out['idx'][r, c] = np.where(j < Lt, text, np.where(j == Lt, SUM_ID, np.where(lab == 1, YES_ID, NO_ID)))
     out['block'][r, c] = (blk - first[row])[tb]
     out['role'][r, c] = np.where(j < Lt, TEXT, np.where(j == Lt, SUM, LABEL))
     out['label'][r, c] = np.where((j == Lt) & (blk >= first_target[row])[tb], lab, -1)
     return {key: torch.from_numpy(v) for key, v in out.items()}
+
+# -----------------------------------------------------------------------------
+# synthetic CTR data whose best possible leak-free AUC is known
 
 
 GENRES = ['Action', 'Comedy', 'Drama', 'Horror', 'Romance', 'Sci-Fi', 'Thriller', 'Western']
@@ -268,76 +272,92 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
       'far'     every item text carries a random marker; the label of t also depends on the marker
                 of interaction t-n-1, outside t's window (prob is then averaged over that marker)
 
-    Users are drawn together, a chunk at a time, stepping through time: a label depends on the
-    labels before it, so time is the one loop (10M interactions take seconds, not hours).
-    """
+    Users are drawn together, a chunk at a time (_watch, then _click): a label depends on the
+    labels before it, so time is the one loop (10M interactions take seconds, not hours)."""
     assert canary in (None, 'future', 'far'), canary
     rng = np.random.default_rng(seed)
+    catalog = _catalog(rng, n_items, pop_weight, genre_weight)
+    lengths = rng.integers(min_len, max_len + 1, n_users)                             # (users,)
+    columns = []                                                                      # per chunk of users
+    chunk = max(1, 2_000_000 // (max_len * len(GENRES)))
+    bar = tqdm(total=int(lengths.sum()), desc='synthetic', unit='interaction', leave=False, disable=None)
+    for u0 in range(0, n_users, chunk):
+        m = lengths[u0:u0 + chunk]                                                    # (U,)
+        item = _watch(rng, catalog, len(m), int(m.max()))                             # (U, M)
+        label, prob, marker = _click(rng, catalog['logit'][item], n, canary, mood_weight, far_weight)
+        times = np.where(np.arange(item.shape[1]) < m[:, None], rng.random(item.shape), 2.0)
+        times.sort(axis=1)                                   # interaction times in [0, 1): split at 0.8 and 0.9
+        real = np.arange(item.shape[1]) < m[:, None]         # (U, M): the users' own interactions
+        split = np.searchsorted([0.8, 0.9], times[real], side='right').astype(np.int8)
+        columns.append((label[real], item[real], split, prob[real], marker[real]))
+        bar.update(int(m.sum()))
+    bar.close()
+    label, item, split, prob, marker = (np.concatenate(c) for c in zip(*columns))
+    texts, text_of_block = np.unique(item * 3 + marker, return_inverse=True)     # the distinct texts
+    pairs, genre = catalog['pairs'], catalog['genre']
+    names = [f'{ADJECTIVES[pairs[t // 3][0]]} {NOUNS[pairs[t // 3][1]]} | {GENRES[genre[t // 3]]}'
+             + ['', *MARKS][t % 3] for t in texts.tolist()]
+    return build_dataset('synthetic' + (f'-{canary}' if canary else ''), names, text_of_block.ravel(),
+                         label, item, split, prob, lengths)
+
+
+def _catalog(rng, n_items, pop_weight, genre_weight):
+    """The items: a title (a pair of words), a genre, a click logit, and an exposure table from
+    which one searchsorted draws an item of a given genre (popular items are shown more)."""
     G = len(GENRES)
     adj_appeal, noun_appeal = rng.normal(0.0, 1.0, len(ADJECTIVES)), rng.normal(0.0, 1.0, len(NOUNS))
     pairs = [divmod(int(i), len(NOUNS)) for i in rng.permutation(len(ADJECTIVES) * len(NOUNS))[:n_items]]
     genre = rng.integers(0, G, n_items)
-    item_logit = (pop_weight * np.array([adj_appeal[a] + noun_appeal[b] for a, b in pairs]) / np.sqrt(2)
-                  + genre_weight * rng.normal(0.0, 1.0, G)[genre])                    # (n_items,)
-    # items by genre, each genre's exposure (popular items are shown more) summing to 1: genre g's
-    # items fill [g, g + 1) of one cumulative table, so one searchsorted draws an item of any genre
+    logit = (pop_weight * np.array([adj_appeal[a] + noun_appeal[b] for a, b in pairs]) / np.sqrt(2)
+             + genre_weight * rng.normal(0.0, 1.0, G)[genre])                          # (n_items,)
+    # genre g's items fill [g, g + 1) of one cumulative table, each genre's exposure summing to 1
     by_genre = np.argsort(genre, kind='stable')                                      # (n_items,)
-    exposure = np.exp(0.5 * item_logit[by_genre])
-    exposure /= np.bincount(genre, weights=np.exp(0.5 * item_logit), minlength=G)[genre[by_genre]]
+    exposure = np.exp(0.5 * logit[by_genre])
+    exposure /= np.bincount(genre, weights=np.exp(0.5 * logit), minlength=G)[genre[by_genre]]
     cum = np.concatenate([g + np.cumsum(exposure[genre[by_genre] == g]) for g in range(G)])  # (n_items,)
-    last_of = np.cumsum(np.bincount(genre, minlength=G)) - 1                          # (G,) each genre's last item
-    first_of = last_of + 1 - np.bincount(genre, minlength=G)                          # (G,) and its first
-    present = np.bincount(genre, minlength=G) > 0                                     # a genre without items is never watched
+    count = np.bincount(genre, minlength=G)
+    return dict(pairs=pairs, genre=genre, logit=logit, by_genre=by_genre, cum=cum, last=np.cumsum(count) - 1,
+                first=np.cumsum(count) - count, present=count > 0)
+
+
+def _watch(rng, catalog, U, M):
+    """(U, M) items watched by U users over M steps: a genre drawn from a taste that drifts as a
+    random walk (a genre without items is never watched), then an item of that genre."""
+    G = len(GENRES)
+    taste = np.cumsum(rng.normal(0.0, 0.3, (U, M, G)), axis=1) + rng.normal(0.0, 1.0, (U, 1, G))  # (U, M, G)
+    p = np.where(catalog['present'], np.exp(taste), 0.0)
+    p /= p.sum(-1, keepdims=True)
+    g = np.minimum((np.cumsum(p, -1) < rng.random((U, M, 1))).sum(-1), G - 1)    # (U, M) watched genre
+    at = np.searchsorted(catalog['cum'], g + rng.random((U, M)), side='right')     # round-off kept in genre g:
+    return catalog['by_genre'][np.clip(at, catalog['first'][g], catalog['last'][g])]
+
+
+def _click(rng, logit, n, canary, mood_weight, far_weight):
+    """Labels, true probabilities and text markers (0 none, 1 sun, 2 moon) of (U, M) watched items
+    of click logit `logit`: the mood is the mean label of the window, as +1/-1."""
+    U, M = logit.shape
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
-
-    lengths = rng.integers(min_len, max_len + 1, n_users)                             # (users,)
-    label, item, split, prob, variant = [], [], [], [], []
-    chunk = max(1, 2_000_000 // (max_len * G))                                        # users drawn together
-    bar = tqdm(total=int(lengths.sum()), desc='synthetic', unit='interaction', leave=False, disable=None)
-    for u0 in range(0, n_users, chunk):
-        m = lengths[u0:u0 + chunk]                                                    # (U,)
-        U, M = len(m), int(m.max())
-        taste = np.cumsum(rng.normal(0.0, 0.3, (U, M, G)), axis=1) + rng.normal(0.0, 1.0, (U, 1, G))  # (U, M, G)
-        p = np.where(present, np.exp(taste), 0.0)
-        p /= p.sum(-1, keepdims=True)
-        g = np.minimum((np.cumsum(p, -1) < rng.random((U, M, 1))).sum(-1), G - 1)    # (U, M) watched genre
-        at = np.searchsorted(cum, g + rng.random((U, M)), side='right')               # round-off kept in genre g:
-        i = by_genre[np.clip(at, first_of[g], last_of[g])]                            # (U, M) watched item
-        marks = rng.integers(0, 2, (U, M + n + 1))           # 'far' markers; index t+n+1 belongs to interaction t
-        liked = np.zeros((U, M + 1), dtype=np.int64)         # liked[:, t]: likes among interactions 0 .. t-1
-        y, pr = np.zeros((U, M), dtype=np.int8), np.zeros((U, M))
-        coins = rng.random((U, M))
-        for t in range(M):
-            w = min(t, n)                                    # the window: interactions t-w .. t-1
-            mood = 2 * (liked[:, t] - liked[:, t - w]) / w - 1 if w else 0.0
-            z = item_logit[i[:, t]] + mood_weight * mood
-            if canary == 'far':  # marker of t-n-1 (a hidden coin when t-n-1 < 0) is outside the window
-                p_true = sig(z + far_weight * (2 * marks[:, t] - 1))
-                pr[:, t] = 0.5 * (sig(z + far_weight) + sig(z - far_weight))
-            else:
-                p_true = pr[:, t] = sig(z)
-            y[:, t] = coins[:, t] < p_true
-            liked[:, t + 1] = liked[:, t] + y[:, t]
-        times = np.where(np.arange(M) < m[:, None], rng.random((U, M)), 2.0)
-        times.sort(axis=1)                                   # interaction times in [0, 1): split at 0.8 and 0.9
-        v = np.zeros((U, M), dtype=np.int8)                  # the text's marker: 0 none, 1 sun, 2 moon
-        if canary == 'future':
-            v[:, 1:] = 1 + y[:, :-1]
-        if canary == 'far':
-            v = (1 + marks[:, n + 1:]).astype(np.int8)
-        real = np.arange(M) < m[:, None]                     # (U, M): the users' own interactions
-        label.append(y[real]), item.append(i[real]), prob.append(pr[real]), variant.append(v[real])
-        split.append(np.searchsorted([0.8, 0.9], times[real], side='right').astype(np.int8))
-        bar.update(int(m.sum()))
-    bar.close()
-    item, variant = np.concatenate(item), np.concatenate(variant)
-    texts, text_of_block = np.unique(item * 3 + variant, return_inverse=True)    # the distinct texts
-    del variant
-    names = [f'{ADJECTIVES[pairs[t // 3][0]]} {NOUNS[pairs[t // 3][1]]} | {GENRES[genre[t // 3]]}'
-             + ['', *MARKS][t % 3] for t in texts.tolist()]
-    return build_dataset('synthetic' + (f'-{canary}' if canary else ''), names, text_of_block.ravel(),
-                         np.concatenate(label), item, np.concatenate(split), np.concatenate(prob), lengths)
-
+    marks = rng.integers(0, 2, (U, M + n + 1))              # 'far' markers; index t+n+1 belongs to interaction t
+    liked = np.zeros((U, M + 1), dtype=np.int64)            # liked[:, t]: likes among interactions 0 .. t-1
+    y, prob = np.zeros((U, M), dtype=np.int8), np.zeros((U, M))
+    coins = rng.random((U, M))
+    for t in range(M):
+        w = min(t, n)                                       # the window: interactions t-w .. t-1
+        mood = 2 * (liked[:, t] - liked[:, t - w]) / w - 1 if w else 0.0
+        z = logit[:, t] + mood_weight * mood
+        if canary == 'far':  # marker of t-n-1 (a hidden coin when t-n-1 < 0) is outside the window
+            p_true = sig(z + far_weight * (2 * marks[:, t] - 1))
+            prob[:, t] = 0.5 * (sig(z + far_weight) + sig(z - far_weight))
+        else:
+            p_true = prob[:, t] = sig(z)
+        y[:, t] = coins[:, t] < p_true
+        liked[:, t + 1] = liked[:, t] + y[:, t]
+    marker = np.zeros((U, M), dtype=np.int8)
+    if canary == 'future':
+        marker[:, 1:] = 1 + y[:, :-1]
+    if canary == 'far':
+        marker = (1 + marks[:, n + 1:]).astype(np.int8)
+    return y, prob, marker
 
 # -----------------------------------------------------------------------------
 # MovieLens: label = rating >= 4, histories in time order, split by global time at 80% / 90%
@@ -347,12 +367,12 @@ class DataError(Exception):
     """Missing or malformed data; the message names the file (and line). The CLI prints it, exits 2."""
 
 
-MOVIELENS = {  # the official zips and their md5
+MOVIELENS = {  # the official zips and the md5 GroupLens publishes beside each (ml-NAME.zip.md5)
     'ml-100k': ('https://files.grouplens.org/datasets/movielens/ml-100k.zip', '0e33842e24a9c977be4e0107933c0723'),
     'ml-1m': ('https://files.grouplens.org/datasets/movielens/ml-1m.zip', 'c4d9eecfca2ab87c1945afe126590906'),
     'ml-20m': ('https://files.grouplens.org/datasets/movielens/ml-20m.zip', 'cd245b17a1ae2cc31bb14903e1204af3'),
     'ml-25m': ('https://files.grouplens.org/datasets/movielens/ml-25m.zip', '6b51fb2759a8657d3bfcbfc42b592ada'),
-}  # the md5 GroupLens publishes beside each zip (ml-NAME.zip.md5)
+}
 GROUPLENS_FILES = {'ml-100k': ('u.data', 'u.item'), 'ml-1m': ('ratings.dat', 'movies.dat'),
                    'ml-20m': ('ratings.csv', 'movies.csv'), 'ml-25m': ('ratings.csv', 'movies.csv')}
 ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy', 'Crime', 'Documentary',
@@ -360,44 +380,229 @@ ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'C
                  'War', 'Western']  # the 19 genre flags of u.item, in order
 
 
+def _flags(f):
+    """u.item's 19 genre flags -> genre names; a flag other than 0 or 1 is an error."""
+    bad = next((x for x in f[5:] if x not in ('0', '1')), None)
+    if bad is not None:
+        raise ValueError(f'genre flag {bad!r} is not 0 or 1')
+    return [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == '1']
+
+
+# how each file is read, by the end of its name: separator, header (RecBole: the columns by name,
+# alternatives split by |), fields per line, the ratings' lowest value and step or the items'
+# (id, title, genres) of a line's fields
+RATINGS = {'u.data': ('\t', None, 4, 1, 1), 'ratings.dat': ('::', None, 4, 1, 1),
+           'ratings.csv': (',', ['userId', 'movieId', 'rating', 'timestamp'], 4, 0.5, 0.5),
+           '.inter': ('\t', ['user_id', 'item_id', 'rating', 'timestamp'], None, 1, 1)}
+ITEMS = {'u.item': ('|', None, 5 + len(ML100K_GENRES), lambda f: (f[0], f[1], _flags(f))),
+         'movies.dat': ('::', None, 3, lambda f: (f[0], f[1], f[2].split('|'))),
+         'movies.csv': (',', ['movieId', 'title', 'genres'], 3, lambda f: (f[0], f[1], f[2].split('|'))),
+         '.item': ('\t', ['item_id', 'movie_title', 'release_year', 'class|genre'], None,
+                   lambda f: (f[0], f'{f[1]} ({f[2]})' if f[2].isdigit() else f[1], f[3].split()))}
+
+
+def movielens(name, data_dir=None):
+    """MovieLens as a CTR data set: label = rating >= 4; each user's history in time order (ties
+    by item id); split by global time at its 80% and 90% quantiles, each interaction into the split
+    of its own timestamp. There are no true probabilities: prob is NaN."""
+    ratings_file, items_file = find_movielens(name, data_dir)
+    with tqdm(total=2, desc=f'read {name}', unit='file', leave=False, disable=None) as bar:
+        texts = _item_texts(items_file)
+        bar.update()
+        user, item, rating, time = _ratings(ratings_file, texts, items_file[0])       # (N,) each
+        bar.update()
+    order = np.lexsort((item, time, user))                      # by user, then time, then item
+    user, item, rating, time = user[order], item[order], rating[order], time[order]
+    split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
+    keys = np.sort(np.fromiter(texts, np.int64, len(texts)))                       # item ids, sorted
+    lengths = np.diff(np.r_[np.flatnonzero(np.r_[True, user[1:] != user[:-1]]), len(user)])  # per user
+    return build_dataset(name, [texts[i] for i in keys.tolist()], np.searchsorted(keys, item), rating >= 4, item,
+                         split, np.full(len(item), np.nan), lengths)
+
+
+def _spec(table, where):
+    return next(v for end, v in table.items() if where.endswith(end))
+
+
+def _item_texts(file):
+    """{item id: 'Title (Year) | Genre, Genre'}; an id listed twice is an error."""
+    where, text = _text(file)
+    sep, header, width, fields = _spec(ITEMS, where)
+    if sep == ',':  # movies.csv: a title that holds a comma (or a line break) is quoted
+        reader = csv.reader(io.StringIO(text, newline=''))
+        lines = [(reader.line_num, f) for f in reader if f]
+    else:
+        lines = [(i, line.split(sep)) for i, line in _lines(text)]
+    if len(lines) <= bool(header):
+        raise DataError(f'{where}: empty file')
+    cols = range(width) if header is None else _columns(where, lines[0][1], header, width is not None)
+    texts, first = {}, {}
+    for i, f in _widths(where, lines[bool(header):], width or len(lines[0][1])):
+        try:
+            item, title, genres = fields([f[j] for j in cols])
+        except ValueError as e:
+            raise DataError(f'{where} line {i}: {e}')
+        item = _integer(where, i, item, 'item id')
+        if item in texts:
+            raise DataError(f'{where} line {i}: item {item} is listed twice (first on line {first[item]})')
+        texts[item], first[item] = f'{title} | {", ".join(genres)}', i
+    return texts
+
+
+def _ratings(file, texts, items_where):
+    """Columns (user, item, rating, time) of the ratings file: int64 ids, float64 ratings and
+    times. np.loadtxt reads it in one pass; a file it cannot read, or with a value out of range or
+    a repeated line, is read again line by line to name the first bad line."""
+    where, text = _text(file)
+    sep, header, width, lo, step = _spec(RATINGS, where)
+    head = text.split('\n', 1)[0].removesuffix('\r').split(sep)
+    cols = [0, 1, 2, 3] if header is None or not text.strip() else _columns(where, head, header, width is not None)
+    width = width or len(head)
+    flat = text.replace(sep, '\t')
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # numpy's "input contained no data": _bad_line says "empty file"
+            rows = np.loadtxt(io.StringIO(flat), delimiter='\t', usecols=cols, skiprows=int(bool(header)), ndmin=1,
+                              dtype=[('user', 'i8'), ('item', 'i8'), ('rating', 'f8'), ('time', 'f8')], comments=None)
+        r, t = rows['rating'], rows['time']
+        s = rows[np.lexsort((t, r, rows['item'], rows['user']))]                   # repeated rows side by side
+        good = (len(rows) and flat.count('\t') == (width - 1) * (len(rows) + bool(header))
+                and np.isfinite(t).all() and ((r >= lo) & (r <= 5) & (r % step == 0)).all() and not (s[1:] == s[:-1]).any())
+    except ValueError:
+        good = False
+    if not good:
+        _bad_line(where, text, sep, header, width, cols, lo, step)
+    unknown = np.flatnonzero(~np.isin(rows['item'], np.fromiter(texts, np.int64, len(texts))))
+    if len(unknown):
+        i = _lines(text)[bool(header) + unknown[0]][0]
+        raise DataError(f'{where} line {i}: item {rows["item"][unknown[0]]} is not in {items_where}')
+    return rows['user'], rows['item'], rows['rating'], rows['time']
+
+
+def _bad_line(where, text, sep, header, width, cols, lo, step):
+    """Raise the DataError of a ratings file's first bad line: its field count, a value, or a line
+    that repeats an earlier one."""
+    lines = [(i, line.split(sep)) for i, line in _lines(text)]
+    if len(lines) <= bool(header):
+        raise DataError(f'{where}: empty file')
+    seen = {}
+    for i, f in _widths(where, lines[bool(header):], width):
+        user, item = (_integer(where, i, f[c], what) for c, what in zip(cols[:2], ('user id', 'item id')))
+        rating, time = (_float(f[c]) for c in cols[2:])
+        if rating is None or not (lo <= rating <= 5 and rating % step == 0):
+            stars = 'whole stars' if step == 1 else 'half stars'
+            raise DataError(f"{where} line {i}: rating {f[cols[2]]!r} is not a number in {lo}..5 ({stars})")
+        if time is None or not math.isfinite(time):
+            raise DataError(f"{where} line {i}: timestamp {f[cols[3]]!r} is not a finite number")
+        if seen.setdefault((user, item, rating, time), i) != i:
+            raise DataError(f'{where} line {i}: repeats line {seen[user, item, rating, time]}')
+    raise DataError(f'{where}: cannot be read')  # numpy refused what every line check took
+
+
+def _text(file):
+    """(where, text) of a file: UTF-8 (a byte-order mark dropped), and any line that is not UTF-8
+    read as latin-1, the encoding of GroupLens' older files."""
+    where, read = file
+    raw = read()
+    try:
+        return where, raw.decode('utf-8-sig')
+    except UnicodeDecodeError:
+        pass
+    lines = []
+    for line in raw.removeprefix(b'\xef\xbb\xbf').split(b'\n'):
+        try:
+            lines.append(line.decode('utf-8'))
+        except UnicodeDecodeError:
+            lines.append(line.decode('latin-1'))
+    return where, '\n'.join(lines)
+
+
+def _lines(text):
+    """[(line number, line)] of the non-blank lines, split on \\n (and \\r\\n) only: a title may hold
+    any other character, \\x85 or \\x0c (a latin-1 ellipsis, a form feed) among them."""
+    return [(i, line.removesuffix('\r')) for i, line in enumerate(text.split('\n'), 1) if line.strip()]
+
+
+def _columns(where, fields, header, exact):
+    """The positions of the named columns in a header line: GroupLens' CSV header must be exactly
+    `header`; RecBole's typed header (`name:type`) may hold more columns, in any order."""
+    names = [h.split(':')[0].strip() for h in fields]
+    if exact and names != header:
+        raise DataError(f'{where} line 1: expected the header {",".join(header)}')
+    for want in header:
+        if not any(n in want.split('|') for n in names):
+            raise DataError(f'{where} line 1: no {want} column in the header')
+    return [next(j for j, n in enumerate(names) if n in want.split('|')) for want in header]
+
+
+def _widths(where, lines, width):
+    """The lines, each checked to hold `width` fields."""
+    for i, f in lines:
+        if len(f) != width:
+            hint = ' (quote a title that holds a comma)' if where.endswith('.csv') else ''
+            raise DataError(f'{where} line {i}: {len(f)} fields, expected {width}{hint}')
+    return lines
+
+
+def _integer(where, i, value, what):
+    """A field as a 64-bit integer written in ASCII digits, else a one-line DataError naming file and line."""
+    if not re.fullmatch(r'\s*[+-]?[0-9]+\s*', value) or not -2**63 <= int(value) < 2**63:
+        raise DataError(f'{where} line {i}: {what} {value!r} is not a 64-bit integer')
+    return int(value)
+
+
+def _float(value):
+    """A field as a float, or None; ASCII only, as np.loadtxt reads it (Python's float takes 1_0)."""
+    return float(value) if re.fullmatch(r'\s*[+-]?([0-9.]+([eE][+-]?[0-9]+)?|inf|nan)\s*', value, re.I) else None
+
+# -----------------------------------------------------------------------------
+# MovieLens: where the files come from
+
+
 def cache_dir():
     return os.environ.get('DTI_DATA') or os.path.join(os.path.expanduser('~'), '.cache', 'dti-minimal')
 
 
-def _unsafe(member):
-    """An absolute or '..' member name: harmless here (members are read, never extracted), but a
-    zip that holds one was made to escape a folder, so it is refused all the same."""
-    parts = member.replace('\\', '/').split('/')
-    return member.startswith(('/', '\\')) or re.match(r'[A-Za-z]:[/\\]', member) or '..' in parts
+def find_movielens(name, data_dir=None):
+    """((where, read) of the ratings file, of the items file): --data-dir if given (and nothing
+    else), else the cache folder, else a download into it."""
+    if data_dir is not None:
+        if not os.path.exists(data_dir):
+            raise DataError(f'--data-dir {data_dir} does not exist')
+        found = _locate(name, data_dir)
+        if found is None:
+            a, b = GROUPLENS_FILES[name]
+            raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, or {name}.zip)')
+        return found
+    found = _locate(name, cache_dir())
+    if found is None:
+        download(name, cache_dir())
+        found = _locate(name, cache_dir())
+    return found
 
 
-def _zip_files(path, name):
-    """{file name: [(label, read), ...]} of a zip's files. A name that occurs in several folders
-    keeps only its copies in the data set's own folder (`name`/) or at the top level, if any."""
-    try:
-        z = zipfile.ZipFile(path)
-        members = [m for m in z.infolist() if not m.is_dir()]
-    except (zipfile.BadZipFile, OSError) as e:
-        raise DataError(f'{path}: not a zip file ({e})')
-    files = {}
-    for m in members:
-        if _unsafe(m.filename):
-            raise DataError(f'{path}: refusing member {m.filename!r} (absolute path or ..)')
-        files.setdefault(os.path.basename(m.filename), []).append(m)
-    for base, ms in files.items():
-        own = [m for m in ms if os.path.dirname(m.filename) in (name, '')]
-        files[base] = [(f'{path}:{m.filename}', functools.partial(_read_member, z, m, f'{path}:{m.filename}'))
-                       for m in (own or ms)]
-    return files
-
-
-def _read_member(z, member, label):
-    if member.flag_bits & 1:
-        raise DataError(f'{label}: encrypted; extract it yourself and pass the folder')
-    try:
-        return z.read(member)
-    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as e:
-        raise DataError(f'{label}: cannot be read ({e})')
+def _locate(name, path):
+    """The ratings and items files of `name` in `path`: a GroupLens folder or zip, a folder of
+    RecBole atomic files, or a folder holding one of those as `name`/ or `name`.zip; or None."""
+    pairs = (GROUPLENS_FILES[name], (name + '.inter', name + '.item'))
+    for p in (path, os.path.join(path, name), os.path.join(path, name + '.zip')):
+        if os.path.isdir(p):
+            files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))] for f in os.listdir(p)}
+        elif os.path.isfile(p):
+            files = _zip_files(p, name)
+        else:
+            continue
+        for pair in pairs:
+            if all(f in files for f in pair):
+                for f in pair:
+                    if len(files[f]) > 1:
+                        raise DataError(f'{p}: {f} occurs {len(files[f])} times '
+                                        f'({", ".join(w[len(p) + 1:] for w, _ in files[f])}) and none in {name}/ or at the top')
+                return files[pair[0]][0], files[pair[1]][0]
+            if any(f in files for f in pair):
+                have, missing = (pair[0], pair[1]) if pair[0] in files else (pair[1], pair[0])
+                raise DataError(f'{p}: has {have} but not {missing}')
+    return None
 
 
 def _read_file(path):
@@ -411,29 +616,36 @@ def _read_file(path):
         raise DataError(f'{path}: cannot be read ({e.strerror})')
 
 
-def _locate(name, path):
-    """The ratings and items files of `name` in `path`: a GroupLens folder or zip, a folder of RecBole
-    atomic files, or a folder holding one of those as `name`/ or `name`.zip.
-    Returns (format, (label, read) of ratings, (label, read) of items), or None."""
-    pairs = (('grouplens', GROUPLENS_FILES[name]), ('recbole', (name + '.inter', name + '.item')))
-    for p in (path, os.path.join(path, name), os.path.join(path, name + '.zip')):
-        if os.path.isdir(p):
-            files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))] for f in os.listdir(p)}
-        elif os.path.isfile(p):
-            files = _zip_files(p, name)
-        else:
-            continue
-        for fmt, pair in pairs:
-            if all(f in files for f in pair):
-                for f in pair:
-                    if len(files[f]) > 1:
-                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({", ".join(l[len(p) + 1:] for l, _ in files[f])}) '
-                                        f'and none in {name}/ or at the top')
-                return fmt, files[pair[0]][0], files[pair[1]][0]
-            if any(f in files for f in pair):
-                have, missing = (pair[0], pair[1]) if pair[0] in files else (pair[1], pair[0])
-                raise DataError(f'{p}: has {have} but not {missing}')
-    return None
+def _zip_files(path, name):
+    """{file name: [(where, read), ...]} of a zip's files. A name that occurs in several folders
+    keeps only its copies in the data set's own folder (`name`/) or at the top level, if any.
+    An absolute or '..' member name is refused: harmless here (members are read, never
+    extracted), but a zip that holds one was made to escape a folder."""
+    try:
+        z = zipfile.ZipFile(path)
+        members = [m for m in z.infolist() if not m.is_dir()]
+    except (zipfile.BadZipFile, OSError) as e:
+        raise DataError(f'{path}: not a zip file ({e})')
+    files = {}
+    for m in members:
+        parts = m.filename.replace('\\', '/').split('/')
+        if m.filename.startswith(('/', '\\')) or re.match(r'[A-Za-z]:[/\\]', m.filename) or '..' in parts:
+            raise DataError(f'{path}: refusing member {m.filename!r} (absolute path or ..)')
+        files.setdefault(os.path.basename(m.filename), []).append(m)
+    for base, ms in files.items():
+        own = [m for m in ms if os.path.dirname(m.filename) in (name, '')]
+        files[base] = [(f'{path}:{m.filename}', functools.partial(_read_member, z, m, f'{path}:{m.filename}'))
+                       for m in (own or ms)]
+    return files
+
+
+def _read_member(z, member, where):
+    if member.flag_bits & 1:
+        raise DataError(f'{where}: encrypted; extract it yourself and pass the folder')
+    try:
+        return z.read(member)
+    except (zipfile.BadZipFile, zlib.error, NotImplementedError, EOFError, OSError) as e:
+        raise DataError(f'{where}: cannot be read ({e})')
 
 
 def download(name, folder):
@@ -463,180 +675,3 @@ def download(name, folder):
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def find_movielens(name, data_dir=None):
-    """--data-dir if given (and nothing else), else the cache folder, else a download into it."""
-    if data_dir is not None:
-        if not os.path.exists(data_dir):
-            raise DataError(f'--data-dir {data_dir} does not exist')
-        found = _locate(name, data_dir)
-        if found is None:
-            a, b = GROUPLENS_FILES[name]
-            raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, or {name}.zip)')
-        return found
-    found = _locate(name, cache_dir())
-    if found is None:
-        download(name, cache_dir())
-        found = _locate(name, cache_dir())
-    return found
-
-
-def _text(file):
-    """(label, text) of a file: UTF-8 (a byte-order mark dropped), and any line that is not UTF-8
-    read as latin-1, the encoding of GroupLens' older files."""
-    label, read = file
-    raw = read()
-    try:
-        return label, raw.decode('utf-8-sig')
-    except UnicodeDecodeError:
-        pass
-    lines = []
-    for line in raw.removeprefix(b'\xef\xbb\xbf').split(b'\n'):
-        try:
-            lines.append(line.decode('utf-8'))
-        except UnicodeDecodeError:
-            lines.append(line.decode('latin-1'))
-    return label, '\n'.join(lines)
-
-
-def _rows(label, text, sep, header=False, width=None):
-    """[(line number, fields)] of a text's non-blank lines, each with `width` fields (by default
-    as many as the first)."""
-    rows = [(i, line.split(sep)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-    if len(rows) <= header:
-        raise DataError(f'{label}: empty file')
-    width = width or len(rows[0][1])
-    for i, fields in rows:
-        if len(fields) != width:
-            raise DataError(f'{label} line {i}: {len(fields)} fields, expected {width}')
-    return rows
-
-
-def _number(label, i, value, what, cast=int, lo=None, hi=None):
-    """One field as a 64-bit integer (cast int) or a finite float (in lo..hi if given), else a
-    one-line DataError naming the file and line."""
-    try:
-        v = cast(value)
-    except ValueError:
-        v = None
-    ok = v is not None and (-2**63 <= v < 2**63 if cast is int else math.isfinite(v)) and (lo is None or lo <= v <= hi)
-    if not ok:
-        kind = 'a 64-bit integer' if cast is int else f'a number in {lo}..{hi}' if lo is not None else 'a finite number'
-        raise DataError(f'{label} line {i}: {what} {value!r} is not {kind}')
-    return v
-
-
-def _columns(label, header, wanted):
-    """RecBole atomic files: the positions of the wanted columns in the typed header (`name:type`)."""
-    names = [h.split(':')[0].strip() for h in header]
-    for w in wanted:
-        if not any(n in w.split('|') for n in names):
-            raise DataError(f'{label} line 1: no {w} column in the header')
-    return [next(j for j, n in enumerate(names) if n in w.split('|')) for w in wanted]
-
-
-def _item_texts(fmt, file):
-    """{item id: 'Title (Year) | Genre, Genre'}; an id listed twice is an error."""
-    label, text = _text(file)
-    if fmt == 'recbole':
-        rows = _rows(label, text, '\t', header=True)
-        cols = _columns(label, rows[0][1], ['item_id', 'movie_title', 'release_year', 'class|genre'])
-        rows = [(i, [f[j] for j in cols]) for i, f in rows[1:]]
-        rows = [(i, (item, f'{title} ({year})' if year.isdigit() else title, genres.split()))
-                for i, (item, title, year, genres) in rows]
-    elif label.endswith('u.item'):  # id|title|release date|video date|url|19 genre flags
-        rows = [(i, (f[0], f[1], [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == '1']))
-                for i, f in _rows(label, text, '|', width=5 + len(ML100K_GENRES))]
-    elif label.endswith('movies.dat'):  # id::Title (Year)::Genre|Genre
-        rows = [(i, (f[0], f[1], f[2].split('|'))) for i, f in _rows(label, text, '::', width=3)]
-    else:  # movies.csv: movieId,title,genres with a header; titles with commas are quoted
-        rows = [(i, f) for i, f in enumerate(csv.reader(text.splitlines()), 1) if f]
-        if len(rows) < 2:
-            raise DataError(f'{label}: empty file')
-        if [h.strip() for h in rows[0][1]] != ['movieId', 'title', 'genres']:
-            raise DataError(f'{label} line 1: expected the header movieId,title,genres')
-        for i, f in rows[1:]:
-            if len(f) != 3:
-                raise DataError(f'{label} line {i}: {len(f)} fields, expected 3 (quote a title that holds a comma)')
-        rows = [(i, (f[0], f[1], f[2].split('|'))) for i, f in rows[1:]]
-    texts, where = {}, {}
-    for i, (item, title, genres) in rows:
-        item = _number(label, i, item, 'item id')
-        if item in texts:
-            raise DataError(f'{label} line {i}: item {item} is listed twice (first on line {where[item]})')
-        texts[item], where[item] = f'{title} | {", ".join(genres)}', i
-    return texts
-
-
-RATINGS_HEADER = ['userId', 'movieId', 'rating', 'timestamp']  # ratings.csv of ml-20m and ml-25m
-
-
-def _ratings(fmt, file, texts, items_label):
-    """Columns (user, item, rating, time) of the ratings file: int64 ids, float64 ratings and
-    times. Parsed in one go with np.loadtxt; when that fails or a value is out of range, line by
-    line to name the first bad line."""
-    label, text = _text(file)
-    csv_file = label.endswith('.csv')
-    sep = '\t' if fmt == 'recbole' or label.endswith('u.data') else ',' if csv_file else '::'
-    top = 0.5 if csv_file else 1  # ml-20m and ml-25m have half stars from 0.5
-    header = fmt == 'recbole' or csv_file
-    head = text.split('\n', 1)[0].rstrip('\r').split(sep)
-    if not text.strip():
-        raise DataError(f'{label}: empty file')
-    if fmt == 'recbole':
-        cols = _columns(label, head, ['user_id', 'item_id', 'rating', 'timestamp'])
-    elif csv_file and [h.strip() for h in head] != RATINGS_HEADER:
-        raise DataError(f'{label} line 1: expected the header {",".join(RATINGS_HEADER)}')
-    cols = cols if fmt == 'recbole' else [0, 1, 2, 3]
-    width = len(head) if header else 4
-    try:
-        flat = text.replace(sep, '\t') if len(sep) > 1 else text
-        read = lambda use, dtype: np.loadtxt(io.StringIO(flat), delimiter=sep[0] if len(sep) == 1 else '\t', dtype=dtype,
-                                             usecols=use, skiprows=int(header), ndmin=2, comments=None)
-        ids, values = read(cols[:2], np.int64), read(cols[2:], np.float64)          # (N, 2), (N, 2)
-        ok = (len(ids) > 0 and flat.count(sep[0] if len(sep) == 1 else '\t') == (width - 1) * (len(ids) + header)
-              and np.isfinite(values).all() and ((values[:, 0] >= top) & (values[:, 0] <= 5)).all())
-    except ValueError:
-        ok = False
-    if not ok:  # line by line: the first bad line is the error
-        rows = _rows(label, text, sep, header=header, width=width)[header:]
-        ids = np.array([[_number(label, i, f[cols[0]], 'user id'), _number(label, i, f[cols[1]], 'item id')]
-                        for i, f in rows], dtype=np.int64).reshape(-1, 2)
-        values = np.array([[_number(label, i, f[cols[2]], 'rating', float, top, 5),
-                            _number(label, i, f[cols[3]], 'timestamp', float)] for i, f in rows]).reshape(-1, 2)
-    unknown = np.flatnonzero(~np.isin(ids[:, 1], np.fromiter(texts, np.int64, len(texts))))
-    if len(unknown):
-        line = _rows(label, text, sep, header=header, width=width)[header + unknown[0]][0]
-        raise DataError(f'{label} line {line}: item {ids[unknown[0], 1]} is not in {items_label}')
-    return ids[:, 0], ids[:, 1], values[:, 0], values[:, 1]
-
-
-def movielens(name, data_dir=None):
-    """MovieLens as a CTR data set: label = rating >= 4; each user's history in time order (ties
-    by item id); split by global time at its 80% and 90% quantiles, each interaction into the split
-    of its own timestamp. There are no true probabilities: prob is NaN."""
-    fmt, ratings_file, items_file = find_movielens(name, data_dir)
-    with tqdm(total=2, desc=f'read {name}', unit='file', leave=False, disable=None) as bar:
-        texts = _item_texts(fmt, items_file)
-        bar.update()
-        user, item, rating, time = _ratings(fmt, ratings_file, texts, items_file[0])    # (N,) each
-        bar.update()
-    order = np.lexsort((item, time, user))                      # by user, then time, then item
-    user, item, rating, time = user[order], item[order], rating[order], time[order]
-    split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
-    keys = np.sort(np.fromiter(texts, np.int64, len(texts)))                       # item ids, sorted
-    lengths = np.diff(np.r_[np.flatnonzero(np.r_[True, user[1:] != user[:-1]]), len(user)])  # per user
-    return build_dataset(name, [texts[i] for i in keys.tolist()], np.searchsorted(keys, item), rating >= 4, item,
-                         split, np.full(len(item), np.nan), lengths)
-
-
-def describe(ds, n):
-    """One paragraph of statistics: users, items, interactions, positive rate, targets, tokens per block."""
-    targets = np.bincount(ds['split'][positions(ds) >= n], minlength=3)
-    tokens = np.diff(ds['token_start']) + 2
-    return (f"{ds['name']}: {len(ds['user_start']) - 1} users, {len(np.unique(ds['item']))} items, "
-            f"{len(ds['label'])} interactions, {ds['label'].mean():.1%} positive; targets with n={n} predecessors: "
-            f"train {targets[0]}, valid {targets[1]}, test {targets[2]}; tokens per block: "
-            f"mean {tokens.mean():.1f}, max {tokens.max()}")
-

@@ -2,72 +2,58 @@
 Train a from-scratch GPT for CTR prediction with sliding-window prompts (SW) or Dynamic Target
 Isolation streams (DTI), evaluate it, and write DIR/results.json.
 
-    python dti_minimal.py --mode dti            # n=20 context blocks, k=50 targets per stream
-    python dti_minimal.py --mode sw             # the same model and data, one prompt per target
-    python dti_minimal.py --mode compare        # both, same init and targets: DIR/compare.json
-    python dti_minimal.py --mode compare --k 1,5,10,20,50,100 --max-train-targets 3000  # k sweep
-    python dti_minimal.py --mode ablation --max-train-targets 8000  # the paper's ablation: DIR/ablation.json
-    python dti_minimal.py --mode bench --mask window   # block-sparse vs dense attention: DIR/bench.json
+    python dti_minimal.py --mode dti        # n=20 context blocks, k=50 targets per stream
+    python dti_minimal.py --mode sw         # the same model and data, one prompt per target
+    python dti_minimal.py --mode compare    # both, from the same weights on the same steps: DIR/compare.json
+    python dti_minimal.py --mode ablation   # masks x positions x k: DIR/ablation.json
+    python dti_minimal.py --mode bench      # block-sparse vs dense attention: DIR/bench.json
 
-The file reads top to bottom: flags, data, training, evaluation, experiments (one run, compare,
-ablation, bench), plumbing (checkpoints, distributed runs, output).
+Words used throughout:
+    block     one interaction as tokens: its item text, [SUM] (where its logit is read), its label
+    prompt    consecutive blocks of one user as a reference (first block, end block, first target):
+              an SW prompt (n context blocks, then one target) or a DTI stream (n, then k targets)
+    unit      the targets of one DTI stream; batches are drawn over units, so that SW and DTI
+              take the same steps on the same targets
+    plan      a batch's attention plan: who sees whom, worked out once for all layers
+    schedule  the run's steps, (epoch, units of the batch), drawn up front from the seed
+
+Top to bottom: flags, data, training, evaluation, main (all that --mode sw and dti run); below
+the divider: experiments (compare, ablation, bench), long runs (checkpoints, torchrun, CUDA),
+plumbing.
 """
-import argparse
-import json
-import math
-import os
-import random
 import sys
-import tempfile
-import time
-from collections import namedtuple
-from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
-from tqdm import tqdm
+try:  # Ctrl-C while torch is still importing: one line, not a traceback
+    import argparse
+    import itertools
+    import json
+    import math
+    import os
+    import tempfile
+    import time
+    import warnings
+    from collections import namedtuple
+    from concurrent.futures import ThreadPoolExecutor
 
-import data
-from model import GPT, GPTConfig, ctr_loss, to_device, training_flops
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+    from tqdm import tqdm
+
+    import data
+    from model import GPT, GPTConfig, Tiles, ctr_loss, training_flops
+except KeyboardInterrupt:
+    print('dti_minimal.py: error: interrupted; nothing was written', file=sys.stderr)
+    sys.exit(130)
 
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m']
-MAX_PLANNED_UNITS = 10_000_000  # epochs x streams: the batch plan of a run is held in memory
-BENCH_MAX_N = 500  # --mode bench: one stream of n + 440 blocks, dense attention over all of it
-RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them, see main)
+PATH_RULE = dict(sw='dense', dti='sparse')  # each paradigm's attention path: the faster one for it on a CPU
+RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them)
 
 # -----------------------------------------------------------------------------
 # flags
-
-
-def die(msg, code=2):
-    """Bad input (exit code 2) or a failed run (1): one line on stderr, no traceback."""
-    print(f'dti_minimal.py: error: {msg}', file=sys.stderr)
-    sys.exit(code)
-
-
-def k_list(text):
-    """'50' -> [50]; '1,5,50' -> [1, 5, 50] (a k sweep)."""
-    try:
-        ks = [int(v) for v in text.split(',')]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'takes whole numbers separated by commas, got {text!r}')
-    if min(ks) < 1:
-        raise argparse.ArgumentTypeError(f'must be at least 1, got {text}')
-    return ks
-
-
-def history_range(text):
-    """'60,120' -> (60, 120): the fewest and most interactions of a synthetic user."""
-    try:
-        lo, hi = (int(v) for v in text.split(','))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'takes MIN,MAX (two whole numbers), got {text!r}')
-    if not 1 <= lo <= hi <= 100_000:
-        raise argparse.ArgumentTypeError(f'needs 1 <= MIN <= MAX <= 100000, got {text}')
-    return lo, hi
 
 
 def parse_args(argv=None):
@@ -76,117 +62,107 @@ def parse_args(argv=None):
     add = p.add_argument
     # what to run
     add('--mode', choices=['sw', 'dti', 'compare', 'ablation', 'bench'], default='dti',
-        help='training paradigm; compare: SW and DTI step for step; ablation: masks x positions x k; '
-             'bench: sparse vs dense attention')
-    add('--out', default='out', help='output folder for results.json (compare.json, bench.json) and ckpt.pt')
+        help='paradigm; compare: SW and DTI step for step; ablation: masks x positions x k; bench: attention paths')
+    add('--out', default='out', help='output folder for results.json (compare.json, ...) and ckpt.pt')
+    add('--seeds', type=int, default=1, help='train every model once per seed --seed, --seed+1, ...')
     # data
-    add('--dataset', choices=DATASETS, default='synthetic',
-        help='data set; the synthetic -future / -far variants are leakage canaries')
-    add('--data-dir', default=None, help='MovieLens: a GroupLens folder or zip, or RecBole atomic files '
-                                         '(default: $DTI_DATA, ~/.cache/dti-minimal, else download there)')
+    add('--dataset', choices=DATASETS, default='synthetic', help='the synthetic -future and -far are leak canaries')
+    add('--data-dir', help='MovieLens: a GroupLens folder or zip, or RecBole atomic files '
+                           '(default: $DTI_DATA, ~/.cache/dti-minimal, else download there)')
     add('--users', type=int, default=600, help='number of synthetic users')
-    add('--history', type=history_range, default=(60, 120), metavar='MIN,MAX',
+    add('--history', type=ints, default=(60, 120), metavar='MIN,MAX',
         help='interactions per synthetic user, drawn uniformly from MIN..MAX')
     add('--n', type=int, default=20, help='context blocks each target sees')
-    add('--k', type=k_list, default=None,
-        help='targets per DTI stream (default 50); with --mode compare or ablation a list such as 1,5,50 '
-             'sweeps k (ablation default: 5,50)')
-    add('--max-train-targets', type=int, default=None, help='train on the first N targets only')
-    add('--max-eval-targets', type=int, default=None, help='score valid and test on their first N targets only')
+    add('--k', type=ints, dest='ks', help='targets per DTI stream (default 50); compare and ablation take a '
+                                          'list such as 1,5,50 (ablation default: 5,50)')
+    add('--max-train-targets', type=int, help='train on the first N targets only')
+    add('--max-eval-targets', type=int, help='score valid and test on their first N targets only')
     # model
     add('--mask', choices=['isolated', 'window'], default='isolated',
-        help="attention mask: 'isolated' (exact target isolation) or 'window' (windowed causal, leaks with depth)")
-    add('--pos', choices=['alibi', 'learned'], default='alibi',
-        help='positions: ALiBi relative bias, or learned absolute embeddings (nanoGPT wpe)')
+        help="'isolated' (exact target isolation) or 'window' (windowed causal, leaks with depth)")
+    add('--pos', choices=['alibi', 'learned'], default='alibi', help='ALiBi, or learned absolute positions')
     add('--n-layer', type=int, default=2, help='transformer layers')
     add('--n-head', type=int, default=4, help='attention heads')
     add('--n-embd', type=int, default=64, help='embedding width C')
     add('--block-size', type=int, default=2048, help='longest prompt in tokens (bounds learned positions only)')
     add('--dropout', type=float, default=0.0, help='dropout rate')
-    add('--attn', choices=['auto', 'sparse', 'dense', 'flex'], default='auto',
-        help='attention path: block-sparse tiles, one dense SDPA call (the reference), FlexAttention '
-             '(CUDA), or auto: time the exact paths (flex too on CUDA) on the run\'s first batches '
-             'and train on the fastest')
+    add('--attn', choices=['dense', 'sparse', 'flex', 'auto'], help='attention path (default: dense for SW, '
+        'sparse for DTI); flex: FlexAttention (CUDA); auto: time them on the first batches, take the faster')
     # training
     add('--epochs', type=int, default=4, help='passes over the training targets')
-    add('--batch-size', type=int, default=256, help='targets per optimizer step, both modes')
+    add('--batch-size', type=int, default=256, help='targets per optimizer step, both paradigms')
     add('--lr', type=float, default=3e-3, help='peak learning rate (AdamW; warm-up, then cosine decay)')
     add('--weight-decay', type=float, default=0.01, help='AdamW weight decay of matrices and embeddings')
-    add('--seed', type=int, default=0, help='model init and shuffling (the data is fixed)')
+    add('--seed', type=int, default=0, help='model init and batch order (the data is fixed)')
     add('--device', default='auto', help='auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps')
     add('--compile', action='store_true', help='torch.compile the model for training')
     add('--ckpt-every', type=int, default=200, help='write DIR/ckpt.pt every N steps (0: at the end only)')
     add('--resume', action='store_true', help='continue the run whose checkpoint is DIR/ckpt.pt')
-    # evaluation
-    add('--eval-mode', choices=['sw', 'dti'], default='sw',
-        help='score valid/test targets with SW prompts (default) or DTI streams')
+    add('--eval-mode', choices=['sw', 'dti'], default='sw', help='score valid/test with SW prompts or streams')
     return check_args(p.parse_args(argv))
 
 
+def ints(text):
+    """'50' -> [50]; '1,5,50' -> [1, 5, 50]."""
+    try:
+        return [int(v) for v in text.split(',')]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'takes whole numbers separated by commas, got {text!r}')
+
+
+# every count's bounds, in one place: beyond them a count is a typo, not a plan
+BOUNDS = dict(users=(1, 100_000), n=(1, 100_000), n_layer=(1, 1000), n_head=(1, 1000), n_embd=(1, 2**31),
+              block_size=(1, 10**12), epochs=(1, 10**9), batch_size=(1, 10**9), max_train_targets=(1, 10**12),
+              max_eval_targets=(1, 10**12), ckpt_every=(0, 10**12), seeds=(1, 1000), seed=(0, 2**63 - 1))
+
+
 def check_args(args):
-    """Everything about the flags that can be checked before any work: one line and exit 2, else
-    the arguments with --k made a single number outside a sweep and --device resolved."""
-    sweep = args.mode in ('compare', 'ablation')
-    args.k = args.k or ([5, 50] if args.mode == 'ablation' else [50])
-    if len(args.k) > 1 and not sweep:
+    """Everything about the flags that can be checked before any work: one line and exit 2."""
+    flag = lambda name: '--' + name.replace('_', '-')
+    synthetic = args.dataset.startswith('synthetic')
+    args.history, history = tuple(args.history), ','.join(map(str, args.history))
+    if len(args.history) != 2:
+        die(f'argument --history: takes MIN,MAX (two whole numbers), got {history!r}')
+    if not 1 <= args.history[0] <= args.history[1] <= 100_000:
+        die(f'argument --history: needs 1 <= MIN <= MAX <= 100000, got {history}')
+    if args.mode == 'bench' and args.n > 500:
+        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: --n at most 500, got {args.n}')
+    if args.mode != 'bench' and synthetic and args.n >= args.history[1]:
+        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), '
+            f'so none has a target')
+    for name, (lo, hi) in BOUNDS.items():
+        v = getattr(args, name)
+        if v is not None and not lo <= v <= hi:
+            die(f'{flag(name)} must be ' + ('in 0 .. 2**63-1' if name == 'seed' else f'at most {hi}' if v > hi
+                                             else '0 or more' if lo == 0 else f'at least {lo}') + f', got {v}')
+    args.ks = args.ks or ([5, 50] if args.mode == 'ablation' else [50])
+    if not 1 <= min(args.ks) <= max(args.ks) <= 100_000:
+        die(f'argument --k: must be at least 1 and at most 100000, got {",".join(map(str, args.ks))}')
+    if len(args.ks) > 1 and args.mode not in ('compare', 'ablation'):
         die('a list of k values is a sweep: use it with --mode compare or ablation')
-    if not sweep:
-        args.k = args.k[0]  # a list only for a sweep
-    for name in ('max_train_targets', 'max_eval_targets'):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    for name in ('users', 'n', 'n_layer', 'n_head', 'n_embd', 'block_size', 'epochs', 'batch_size'):
-        if getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.ckpt_every < 0:
-        die(f'--ckpt-every must be 0 or more, got {args.ckpt_every}')
-    if args.users > 100_000:
-        die(f'--users {args.users} is more synthetic users than this script generates (at most 100000)')
     if args.users * args.history[1] > 12_000_000:
         die(f'--users {args.users} --history {args.history[0]},{args.history[1]} allows '
             f'{args.users * args.history[1]} interactions, more than this script generates (at most 12000000)')
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
-    if args.mode == 'bench' and args.n > BENCH_MAX_N:
-        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: '
-            f'--n at most {BENCH_MAX_N}, got {args.n}')
-    if args.mode != 'bench' and args.dataset.startswith('synthetic') and args.n >= args.history[1]:
-        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), '
-            f'so none has a target')
-    params = (data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2
-              + (args.block_size * args.n_embd if args.pos == 'learned' else 0))  # ALiBi has no position table
+    params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + \
+        (args.block_size * args.n_embd if args.pos == 'learned' else 0)  # ALiBi has no position table
     memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
         die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
             f'more than this machine\'s {memory / 2**30:.0f} GiB')
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        die(f'--lr must be a finite number > 0, got {args.lr}')
-    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
-        die(f'--weight-decay must be a finite number >= 0, got {args.weight_decay}')
-    if not 0 <= args.dropout < 1:  # also refuses nan
-        die(f'--dropout must be in [0, 1), got {args.dropout}')
-    if not 0 <= args.seed < 2**63:
-        die(f'--seed must be in 0 .. 2**63-1, got {args.seed}')
+    for name, ok, what in (('lr', args.lr > 0, 'a finite number > 0'), ('dropout', 0 <= args.dropout < 1, 'in [0, 1)'),
+                           ('weight_decay', args.weight_decay >= 0, 'a finite number >= 0')):
+        if not (ok and math.isfinite(getattr(args, name))):
+            die(f'{flag(name)} must be {what}, got {getattr(args, name)}')
+    if args.data_dir is not None and (synthetic or args.mode == 'bench'):
+        die(f'--data-dir is for MovieLens; --dataset {args.dataset} is generated here' if synthetic else
+            '--data-dir: --mode bench times a generated stream and reads no data')
+    if args.resume and args.mode not in ('sw', 'dti'):
+        die('--resume continues a --mode sw or dti run')
     if not args.out.strip():
         die('--out must name a folder')
-    if args.device == 'auto':
-        args.device = ('cuda' if torch.cuda.is_available() else
-                       'mps' if torch.backends.mps.is_available() else 'cpu')
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        die(f'unknown --device {args.device!r}')
-    if device.type not in ('cpu', 'cuda', 'mps'):
-        die(f'--device {args.device}: use auto, cpu, cuda, cuda:N or mps')
-    if device.type == 'cuda' and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        die(f'--device {args.device}: no such CUDA device here')
-    if device.type == 'mps' and not torch.backends.mps.is_available():
-        die(f'--device {args.device}: no MPS device here')
-    if args.attn == 'flex' and device.type != 'cuda':
-        die('--attn flex trains on CUDA only: FlexAttention has no backward on a CPU in torch 2.13 '
-            '(use --attn auto, sparse or dense)')
-    if args.attn == 'flex' and args.dropout:
-        die('--attn flex has no dropout: use --dropout 0 or another --attn')
+    args.device = check_device(args.device, args.attn, args.dropout)
     return args
 
 # -----------------------------------------------------------------------------
@@ -195,64 +171,50 @@ def check_args(args):
 
 def load_dataset(args):
     """The data set, its statistics printed; bad or missing MovieLens files are a one-line error."""
-    if args.dataset.startswith('ml-'):
-        try:
-            ds = data.movielens(args.dataset, args.data_dir)
-        except data.DataError as e:
-            die(str(e))
-    else:
-        ds = data.synthetic(n_users=args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
-                            canary=args.dataset.partition('-')[2] or None)
+    try:
+        ds = data.movielens(args.dataset, args.data_dir) if args.dataset.startswith('ml-') else data.synthetic(
+            n_users=args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
+            canary=args.dataset.partition('-')[2] or None)
+    except data.DataError as e:
+        die(str(e))
     print(data.describe(ds, args.n))
     target = data.positions(ds) >= args.n
-    for split, name in ((0, 'train'), (1, 'valid'), (2, 'test')):  # a split without targets fails in prepare
+    for split, name in enumerate(['train', 'valid', 'test']):  # a split without targets fails in prepare
         labels = np.unique(ds['label'][target & (ds['split'] == split)])
-        word = 'positive' if len(labels) == 1 and labels[0] else 'negative'
-        if len(labels) == 1 and split == 0:
-            die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
         if len(labels) == 1:
+            word = 'positive' if labels[0] else 'negative'
+            if split == 0:
+                die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
             warn(f'the {name} targets are all {word}: their AUC is undefined, null in the results')
     return ds
 
 
-def make_prompts(ds, split, mode, n, k, max_targets=None):
-    """References (data.sw_refs, data.dti_refs) to the prompts (SW) or streams (DTI) whose targets
-    are the interactions of `split` (the first max_targets of them, if given), and the targets'
-    true click probabilities in order."""
+def split_prompts(ds, split, mode, n, k, max_targets=None):
+    """The SW prompts or DTI streams whose targets are the interactions of `split` (the first
+    max_targets of them, if given), and the targets' true click probabilities in order."""
     runs, prob = data.segments(ds, split, n)
     if max_targets is not None:
-        targets = runs[:, 1] - runs[:, 0] - n                                  # (runs,)
-        before = np.cumsum(targets) - targets                                  # targets in earlier runs
-        keep = before < max_targets
-        runs = np.stack([runs[keep, 0], np.minimum(runs[keep, 1], runs[keep, 0] + n + max_targets - before[keep])], 1)
+        before = np.cumsum(runs[:, 1] - runs[:, 0] - n) - (runs[:, 1] - runs[:, 0] - n)  # targets in earlier runs
+        runs = runs[before < max_targets]
+        runs[:, 1] = np.minimum(runs[:, 1], runs[:, 0] + n + max_targets - before[before < max_targets])
         prob = prob[:max_targets]
-    return (data.sw_refs(runs, n) if mode == 'sw' else data.dti_refs(runs, n, k)), prob
-
-
-def train_units(ds, n, k, max_targets=None):
-    """The training targets in units of one DTI stream each, as stream references. A DTI step
-    trains on a batch of units' streams, an SW step on the SW prompts of exactly those targets
-    (unit_prompts), and batches are drawn over units: with the same seed SW step j trains on the
-    targets of DTI step j, one training run computed two ways."""
-    return make_prompts(ds, 0, 'dti', n, k, max_targets)[0]
+    return (data.sw_prompts(runs, n) if mode == 'sw' else data.dti_streams(runs, n, k)), prob
 
 
 def unit_prompts(units, mode, n):
-    """The prompt references a batch of units trains on: the streams themselves (DTI), or one SW
-    prompt per target of theirs, in the same target order (SW)."""
-    return units if mode == 'dti' else data.sw_refs(np.stack([units[:, 2] - n, units[:, 1]], axis=1), n)
+    """The prompts a batch of units trains on: the streams themselves (DTI), or one SW prompt per
+    target of theirs, in the same target order (SW)."""
+    return units if mode == 'dti' else data.sw_prompts(np.stack([units[:, 2] - n, units[:, 1]], axis=1), n)
 
 
 def batches(units, batch_targets, rng):
     """Shuffled batches (arrays of unit indices) of whole units holding at least batch_targets
     targets, or what is left at the end of a pool. Units with as many targets go together (sorted
-    inside shuffled pools of ~32 batches), so little is padding: full streams with full ones, a
-    user's shorter last stream with its likes. The draw depends on the units' target counts only,
-    so SW and DTI get the same batches of targets."""
-    n_targets = data.ref_targets(units)
+    inside shuffled pools of ~32 batches), so little is padding. The draw depends on the units'
+    target counts only, so SW and DTI get the same batches of targets."""
+    n_targets = data.prompt_targets(units)
     pool = 32 * max(1, round(batch_targets * len(units) / n_targets.sum()))
-    order = rng.permutation(len(units))
-    out = []
+    order, out = rng.permutation(len(units)), []
     for s in range(0, len(order), pool):
         batch, count = [], 0
         chunk = order[s:s + pool]
@@ -267,22 +229,43 @@ def batches(units, batch_targets, rng):
     return [out[i] for i in rng.permutation(len(out))]
 
 
+def eval_prompts(args, ds, mode, k):
+    """{'valid': (prompts, prob), 'test': ...}, of the first --max-eval-targets of each split if given."""
+    return {name: split_prompts(ds, split, mode, args.n, k, args.max_eval_targets)
+            for split, name in ((1, 'valid'), (2, 'test'))}
+
+
+def prepare(args, ds, mode, k, evals):
+    """(train units, evals) of one run, or a one-line error before any work. The units are the
+    train targets as streams of k; an SW step trains on the SW prompts of its batch's units."""
+    units = split_prompts(ds, 0, 'dti', args.n, k, args.max_train_targets)[0]
+    if not len(units) or not all(len(prompts) for prompts, _ in evals.values()):
+        die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
+    if args.epochs * len(units) > 10_000_000:  # the schedule is held in memory
+        die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
+            f'before step 1, more than 10000000')
+    longest = max(int(data.prompt_tokens(ds, p).max()) for p in [unit_prompts(units, mode, args.n)]
+                  + [p for p, _ in evals.values()])
+    if args.pos == 'learned' and longest > args.block_size:
+        die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
+    return units, evals
+
 # -----------------------------------------------------------------------------
 # training
 
 Step = namedtuple('Step', 'seconds targets loss padding')  # one optimizer step's record
-ATTENTION_PATHS = ['sparse', 'dense']  # the exact paths --attn auto times (and flex on CUDA)
+Batch = namedtuple('Batch', 'tensors plan targets share padding')  # what one step needs, on the device
 
 
-def model_config(args):
-    return GPTConfig(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID, n_layer=args.n_layer,
-                     n_head=args.n_head, n_embd=args.n_embd, n=args.n, mask=args.mask, pos=args.pos,
-                     block_size=args.block_size, dropout=args.dropout,
-                     attn='sparse' if args.attn == 'auto' else args.attn)  # auto: train() times both
-
-
-def build_model(args):
-    return GPT(model_config(args)).to(args.device)
+def build_model(args, mode, seed, **change):
+    """The GPT of the flags (with `change`, e.g. mask= or pos=), initialised from `seed`, on its
+    paradigm's attention path (PATH_RULE) unless --attn names one."""
+    torch.manual_seed(seed)
+    attn = PATH_RULE[mode] if args.attn in (None, 'auto') else args.attn
+    config = dict(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID, n_layer=args.n_layer,
+                  n_head=args.n_head, n_embd=args.n_embd, n=args.n, mask=args.mask, pos=args.pos,
+                  block_size=args.block_size, dropout=args.dropout, attn=attn)
+    return GPT(GPTConfig(**{**config, **change})).to(args.device)
 
 
 def learning_rate(step, total_steps, lr):
@@ -290,346 +273,224 @@ def learning_rate(step, total_steps, lr):
     warmup = max(1, total_steps // 10)
     if step < warmup:
         return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup))))
 
 
-def autocast(device):
-    """bf16 autocast on CUDA; full precision elsewhere."""
-    device = torch.device(device)
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda')
-
-
-def fastest_attention(model, ds, units, mode, plan, args, steps=2, repeats=3):
-    """--attn auto: forward + backward of the plan's first `steps` batches on every exact path,
-    interleaved, `repeats` times; the path with the smaller median. Gradients are cleared after."""
-    cuda = torch.device(args.device).type == 'cuda'
-    times = {attn: [] for attn in ATTENTION_PATHS + (['flex'] if cuda and not args.dropout else [])}
-    first = [to_device(data.collate_refs(ds, unit_prompts(units[batch], mode, args.n)), args.device)
-             for _, _, batch in plan[:steps]]  # collated once, timed 2 x repeats times
-    for _ in range(repeats):
-        for attn in times:  # flex's first call compiles it: the median of the repeats leaves that out
-            model.config.attn = attn
-            t0 = time.perf_counter()
-            for b in first:
-                with autocast(args.device):
-                    ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).backward()
-            if cuda:
-                torch.cuda.synchronize()
-            times[attn].append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    best = [min(times, key=lambda attn: np.median(times[attn]))]
-    if WORLD > 1:
-        dist.broadcast_object_list(best, src=0)  # every rank takes rank 0's choice
-    return best[0]
-
-
-def train(model, ds, units, mode, args, desc='train', ckpt_dir=None, resume=None):
-    """AdamW on BCE at target [SUM]s over `units` (train_units) of `ds`, SW prompts or DTI streams
-    by `mode`; each batch's tensors and attention plan are built when its step comes (step_batch).
-    Returns (targets trained, seconds spent, one Step per optimizer step); the clock covers
-    collation, the plan, forward, backward and the update (on CUDA, over windows of 10 steps).
-    With --attn auto, model.config.attn is first set to the fastest exact path.
-    The batches of every epoch are drawn up front from args.seed, so a run is a fixed list of steps:
-    with ckpt_dir, DIR/ckpt.pt is written every args.ckpt_every steps and at the end, and `resume`
-    (a loaded checkpoint) continues at its step. Under torchrun every rank takes its share of each
-    batch's prompts and DistributedDataParallel sums the gradients."""
-    rng = np.random.default_rng(args.seed)
+def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=None):
+    """AdamW on BCE at target [SUM]s over `units` of `ds`, SW prompts or DTI streams by `mode`.
+    The schedule is drawn up front from `seed`; `resume` (a checkpoint) continues at its step;
+    save(state) is called every --ckpt-every steps and at the end. Returns one Step per step; the
+    clock covers the batch, its plan, forward, backward and the update."""
+    rng = np.random.default_rng(seed)
+    schedule = [(epoch, batch) for epoch in range(args.epochs) for batch in batches(units, args.batch_size, rng)]
     opt = model.configure_optimizers(args.weight_decay, args.lr)
-    per_epoch = int(data.ref_targets(units).sum())
-    plan = [(e, i, batch) for e in range(args.epochs)
-            for i, batch in enumerate(batches(units, args.batch_size, rng))]  # (epoch, step in epoch, batch)
-    start, seen, seconds, records = 0, 0, 0.0, []
-    if resume is not None:
-        start, seen, seconds, records = restore(resume, model, opt, len(plan))
-    if args.attn == 'auto':  # forward and backward only: the weights and the optimizer stay as they are
-        model.config.attn = fastest_attention(model, ds, units, mode, plan, args)
-    net = torch.compile(model, dynamic=True) if getattr(args, 'compile', False) else model
-    if WORLD > 1:
-        net = torch.nn.parallel.DistributedDataParallel(net)
+    records = restore(resume, model, opt, len(schedule)) if resume else []
+    choose_path(model, ds, units, mode, args, schedule, resume)  # --attn auto only
+    net, ahead = wrap(model, args), batches_ahead(ds, units, mode, model, args, schedule, len(records))
+    bar = tqdm(total=args.epochs * int(data.prompt_targets(units).sum()), initial=sum(r.targets for r in records),
+               unit='target', desc=desc, dynamic_ncols=True, disable=True if RANK else None)
+    pending, t0 = [], time.perf_counter()  # steps whose loss is not read yet (on CUDA, 10 at a time)
     model.train()
-    bar = tqdm(total=args.epochs * per_epoch, initial=seen, unit='target', desc=desc, dynamic_ncols=True,
-               disable=True if RANK else None)
-    cuda = torch.device(args.device).type == 'cuda'
-    read_every = 10 if cuda else 1  # reading a loss waits for the device: on CUDA once every 10 steps
-    host = ThreadPoolExecutor(1) if cuda else None  # on CUDA the next batch is built while this one runs
-    batch_of = lambda step: step_batch(ds, units[plan[step][2]], mode, model, args)
-    ahead = host.submit(batch_of, start) if host and start < len(plan) else None
-    window = []  # the steps since the losses were last read: [epoch, targets, padding, loss]
-    for step in range(start, len(plan)):
-        if not window:
-            t0 = time.perf_counter()
+    for step in range(len(records), len(schedule)):
         for group in opt.param_groups:
-            group['lr'] = learning_rate(step, len(plan), args.lr)
-        if host:
-            b, attention, n_targets, share, padding = ahead.result()
-            ahead = host.submit(batch_of, step + 1) if step + 1 < len(plan) else None
-        else:
-            b, attention, n_targets, share, padding = batch_of(step)
+            group['lr'] = learning_rate(step, len(schedule), args.lr)
+        b = next(ahead)                                                        # a Batch on the device
         with autocast(args.device):
-            loss = ctr_loss(net(b['idx'], b['block'], b['role'], attention), b['label']) * share * WORLD  # DDP averages
-        step_loss = loss.detach().float() / WORLD
-        if WORLD > 1:
-            dist.all_reduce(step_loss)  # the batch's mean loss, the same number on every rank
-        window.append([plan[step][0], n_targets, padding, step_loss])
-        if read_every == 1:  # read before the update: a non-finite loss stops the run before it spoils the weights
-            read_losses(window, step, ckpt_dir)
+            logits = net(b.tensors['idx'], b.tensors['block'], b.tensors['role'], b.plan)  # (B, T)
+            loss = ctr_loss(logits, b.tensors['label']) * b.share              # this rank's part of the mean
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * WORLD).backward()                                              # DDP averages over ranks
         opt.step()
-        save = ckpt_dir and (step + 1 == len(plan) or args.ckpt_every and (step + 1) % args.ckpt_every == 0)
-        if len(window) == read_every or save or step + 1 == len(plan):
-            read_losses(window, step, ckpt_dir)  # on CUDA the one wait for the device in 10 steps
-            window_seconds, window_targets = time.perf_counter() - t0, sum(w[1] for w in window)
-            records += [Step(window_seconds * t / window_targets, t, loss, padding) for _, t, padding, loss in window]
-            seen, seconds = seen + window_targets, seconds + window_seconds
-            bar.set_postfix(epoch=plan[step][0] + 1, loss=f'{records[-1].loss:.4f}',
-                            targets_per_s=f'{seen / seconds:.0f}', refresh=False)
-            bar.update(window_targets)
-            window = []
-        if save:
-            save_checkpoint(ckpt_dir, model, opt, step + 1, plan[step][:2], seen, seconds, records, args)
+        pending.append((schedule[step][0], b, loss.detach().float()))
+        last, saving = step + 1 == len(schedule), save and args.ckpt_every and (step + 1) % args.ckpt_every == 0
+        if len(pending) == (10 if 'cuda' in args.device else 1) or saving or last:
+            records += read_losses(pending, time.perf_counter() - t0, step, save and args.out, bar)
+            pending, t0 = [], time.perf_counter()
+        if saving or (save and last):
+            save(dict(model=model, optimizer=opt, records=records, epoch=schedule[step][0]))
     bar.close()
-    if host:
-        host.shutdown()
-    return seen, seconds, records
+    check_weights(model, len(schedule), schedule[-1][0], save and args.out)
+    return records
 
 
-def step_batch(ds, units, mode, model, args):
-    """What one step needs, built on the host from the CPU batch of `units`: this rank's share of
-    the batch's prompts collated, and its attention plan (model.attention_plan), both on the
-    device; the batch's number of targets, this rank's share of them, and the share of padding.
-    On CUDA and under --compile token lengths are padded to a multiple of 128, so that few
-    shapes occur."""
-    batch = unit_prompts(units, mode, args.n)                                  # (prompts, 3) references
-    mine = batch[RANK::WORLD]                                                  # this rank's share only
-    bucket = 128 if torch.device(args.device).type == 'cuda' or getattr(args, 'compile', False) else 1
-    b = data.collate_refs(ds, mine if len(mine) else batch[:1], multiple=bucket)
-    if bucket > 1 and len(b['idx']) == 1:  # one prompt: torch.compile treats B=1 as a shape of its own,
-        b = {key: torch.cat([v, torch.full_like(v, data.FILL[key])]) for key, v in b.items()}  # so add a PAD row
-    n_targets = int(data.ref_targets(batch).sum())
-    share = int((b['label'] >= 0).sum()) / n_targets if len(mine) else 0.0  # a rank without prompts adds 0
-    padding = float((b['role'] == data.PAD).float().mean())
+def make_batch(ds, units, mode, model, args):
+    """One step's Batch, built on the host: this rank's share of the prompts of `units` collated
+    (on CUDA and under --compile T is a multiple of 128, so that few shapes occur) and its plan,
+    on the device; the batch's targets, this rank's share of them, its share of padding."""
+    prompts = unit_prompts(units, mode, args.n)                                # (prompts, 3)
+    mine = prompts[RANK::WORLD]                                                # this rank's share only
+    multiple = 128 if 'cuda' in args.device or args.compile else 1
+    b = data.collate(ds, mine if len(mine) else prompts[:1], multiple)
+    if multiple > 1 and len(b['idx']) == 1:  # torch.compile treats B=1 as a shape of its own: add a PAD row
+        b = {key: torch.cat([v, torch.full_like(v, data.FILL[key])]) for key, v in b.items()}
+    targets = int(data.prompt_targets(prompts).sum())
+    share = int((b['label'] >= 0).sum()) / targets if len(mine) else 0.0    # a rank without prompts adds 0
     on_device = to_device(b, args.device)
-    where = on_device if model.config.attn == 'flex' else b  # a BlockMask's mask_mod reads block and role on the device
-    attention = to_device(model.attention_plan(where['block'], where['role']), args.device)
-    return on_device, attention, n_targets, share, padding
-
-
-def read_losses(window, step, ckpt_dir):
-    """The window's step losses as floats, read from the device at once; the first non-finite one
-    stops the run (exit 1) naming its step and the last good checkpoint. `step` is the window's last."""
-    if torch.is_tensor(window[-1][3]):
-        for w, loss in zip(window, torch.stack([w[3] for w in window]).tolist()):
-            w[3] = loss
-    for i, (epoch, _, _, loss) in enumerate(window):
-        if not math.isfinite(loss):
-            last = os.path.join(ckpt_dir or '', 'ckpt.pt')
-            kept = (f'the last good checkpoint is {last}' if ckpt_dir and os.path.exists(last)
-                    else 'no checkpoint was written')
-            die(f'the loss is {loss} at step {step + 2 - len(window) + i} (epoch {epoch + 1}); stopped, {kept}', code=1)
-
-
-def restore(ckpt, model, opt, n_steps):
-    """Load a checkpoint's weights, optimizer and RNG states into this run; returns (step, targets
-    seen, seconds, records). A checkpoint that does not fit is one line, exit 2."""
-    try:
-        model.load_state_dict(ckpt['model'])
-        opt.load_state_dict(ckpt['optimizer'])
-        for p in model.parameters():  # a foreign optimizer state may load, then fail at its first step
-            for v in opt.state.get(p, {}).values():
-                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} '
-                                     f'for a parameter of {tuple(p.shape)}')
-        records = [Step(*r) for r in ckpt['records']]
-        if not 0 < ckpt['step'] <= n_steps or len(records) != ckpt['step']:
-            raise ValueError(f"step {ckpt['step']} with {len(records)} step records, in a run of {n_steps} steps")
-        set_rng_states(ckpt['rng'])
-    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
-        die(f"{ckpt['path']}: does not fit this run ({' '.join(str(e).split())[:300]})")
-    return ckpt['step'], ckpt['seen'], ckpt['seconds'], records
-
-
-def median_ms_per_target(records):
-    """Median over steps of step time per target, warm-up (the first 5% of steps, at least 3) left out."""
-    steady = records[max(3, len(records) // 20):] or records
-    return 1000 * float(np.median([r.seconds / r.targets for r in steady]))
-
-
-def flops_per_target(ds, refs, config, most=50_000):
-    """Analytic training FLOPs per target of the prompts `refs` under a model config
-    (model.training_flops: projections, MLP, attention over the query-key pairs the mask allows,
-    read-out; real tokens only). Beyond `most` prompts, the mean over `most` evenly spaced ones."""
-    if len(refs) > most:
-        refs = refs[np.linspace(0, len(refs) - 1, most).astype(np.int64)]
-    order = np.argsort(data.ref_tokens(ds, refs), kind='stable')
-    total = 0
-    for s in range(0, len(order), 64):
-        b = data.collate_refs(ds, refs[order[s:s + 64]])
-        total += training_flops(config, b['block'], b['role'])
-    return total / int(data.ref_targets(refs).sum())
+    where = on_device if model.config.attn == 'flex' else b  # a BlockMask reads block and role on the device
+    plan = to_device(model.attention_plan(where['block'], where['role']), args.device)
+    return Batch(on_device, plan, targets, share, float((b['role'] == data.PAD).float().mean()))
 
 # -----------------------------------------------------------------------------
 # evaluation
 
 
 @torch.no_grad()
-def predict(model, ds, refs, device=None, max_tokens=32768):
-    """Logits of every target of the prompts `refs`, in prompt order and position order inside a
-    prompt. Under torchrun each rank scores every WORLD-th prompt and all ranks gather all logits."""
-    device = device or next(model.parameters()).device
+def predict(model, ds, prompts, device, max_tokens=32768):
+    """Logits of every target of `prompts`, in prompt order and position order inside a prompt.
+    Under torchrun each rank scores every WORLD-th prompt and all ranks gather all logits."""
     model.eval()
-    tokens = data.ref_tokens(ds, refs)
-    mine = np.arange(RANK, len(refs), WORLD)
+    tokens, out = data.prompt_tokens(ds, prompts), {}
+    mine = np.arange(RANK, len(prompts), WORLD)
     order = mine[np.argsort(tokens[mine], kind='stable')].tolist()  # similar lengths together
-    out = [None] * len(refs)
-    i = 0
-    bar = tqdm(total=len(order), unit='prompt', desc='eval', leave=False, dynamic_ncols=True,
-               disable=True if RANK else None)
-    while i < len(order):
-        j = i + 1
-        while j < len(order) and (j - i + 1) * tokens[order[j]] <= max_tokens:
-            j += 1
-        b = {key: v.to(device) for key, v in data.collate_refs(ds, refs[order[i:j]]).items()}
-        with autocast(device):
-            logits = model(b['idx'], b['block'], b['role']).float().cpu()      # (B, T)
-        for o, row, lab in zip(order[i:j], logits, b['label'].cpu()):
-            out[o] = row[lab >= 0].numpy()
-        bar.update(j - i)
-        i = j
-    bar.close()
+    with tqdm(total=len(order), unit='prompt', desc='eval', leave=False, disable=True if RANK else None) as bar:
+        while order:
+            j = 1
+            while j < len(order) and (j + 1) * tokens[order[j]] <= max_tokens:
+                j += 1
+            b = to_device(data.collate(ds, prompts[order[:j]]), device)
+            with autocast(device):
+                logits = model(b['idx'], b['block'], b['role']).float().cpu()  # (B, T)
+            out.update((o, row[lab >= 0].numpy()) for o, row, lab in zip(order[:j], logits, b['label'].cpu()))
+            bar.update(j)
+            order = order[j:]
     model.train()
     if WORLD > 1:
         parts = [None] * WORLD
-        dist.all_gather_object(parts, [(o, out[o]) for o in mine])
-        for part in parts:
-            for o, logits in part:
-                out[o] = logits
-    return np.concatenate(out) if out else np.zeros(0)
-
-
-def auc(labels, scores):
-    """ROC AUC, or None when the labels are all one class (it is undefined then)."""
-    return float(roc_auc_score(labels, scores)) if len(np.unique(labels)) == 2 else None
+        dist.all_gather_object(parts, out)
+        out = {o: v for part in parts for o, v in part.items()}
+    logits = np.concatenate([out[o] for o in range(len(prompts))])
+    if not np.isfinite(logits).all():
+        die('the trained model gives non-finite logits; a smaller --lr or --weight-decay may help', code=1)
+    return logits
 
 
 def metrics(logits, labels):
-    p = 1.0 / (1.0 + np.exp(-logits))
-    return dict(auc=auc(labels, p), logloss=float(log_loss(labels, p, labels=[0, 1])),
+    """AUC (None when the labels are all one class: it is undefined then), LogLoss, F1, accuracy."""
+    p = 1.0 / (1.0 + np.exp(-np.clip(logits, -500, 500)))
+    return dict(auc=float(roc_auc_score(labels, p)) if len(np.unique(labels)) == 2 else None,
+                logloss=float(log_loss(labels, p, labels=[0, 1])),
                 f1=float(f1_score(labels, p > 0.5, zero_division=0.0)), acc=float(accuracy_score(labels, p > 0.5)))
 
 
-def warn(msg):
-    if not RANK:
-        print(f'dti_minimal.py: warning: {msg}', file=sys.stderr)
-
-
-def target_labels(ds, refs):
-    return data.ref_labels(ds, refs)
+def evaluate(model, ds, evals, device):
+    """{split}_{metric} of a trained model on each set of eval prompts ({split}_bayes_auc: that of
+    the true probabilities, None on real data), and {split}_logits of the test splits."""
+    res = {}
+    for name, (prompts, prob) in evals.items():
+        labels, logits = data.target_labels(ds, prompts), predict(model, ds, prompts, device)
+        res.update({f'{name}_{key}': v for key, v in metrics(logits, labels).items()}, **{f'{name}_targets': len(labels)})
+        res[f'{name}_bayes_auc'] = metrics(prob, labels)['auc'] if np.isfinite(prob).all() else None
+        if name.startswith('test'):
+            res[f'{name}_logits'] = logits.tolist()
+    return res
 
 
 BASELINE = "logistic regression on the item's and the window's positive rates"
 
 
-def baseline(ds, n, most=1_000_000):
+def baseline(ds, n, blocks, most=1_000_000):
     """A non-neural reference: logistic regression on two rates a reader can count by hand, the
     target item's positive rate in train (leave-one-out on train targets, smoothed towards the
     overall rate) and the positive rate of the target's n-block window. Fit on the train targets
-    (beyond `most` of them, on `most` evenly spaced ones); returns its metrics on the test targets."""
-    y, split = ds['label'], ds['split']
-    train = split == 0
+    (on `most` evenly spaced ones beyond that); returns its logits of the targets `blocks`."""
+    y, train = ds['label'], ds['split'] == 0
     _, items = np.unique(ds['item'], return_inverse=True)                    # ids -> 0 .. n_items-1
     pos = np.bincount(items[train], weights=y[train], minlength=items.max() + 1)    # (n_items,)
     count = np.bincount(items[train], minlength=items.max() + 1)                    # (n_items,)
-    overall = pos.sum() / count.sum()
     liked = np.r_[0, np.cumsum(y, dtype=np.int64)]           # liked[t]: likes among blocks 0 .. t-1
 
     def features(t):                                         # t: targets, n predecessors in their user
-        own = split[t] == 0                                  # a train target leaves its own label out
-        item_rate = (pos[items[t]] - own * y[t] + 10 * overall) / (count[items[t]] - own + 10)
+        own = train[t]                                       # a train target leaves its own label out
+        item_rate = (pos[items[t]] - own * y[t] + 10 * pos.sum() / count.sum()) / (count[items[t]] - own + 10)
         return np.stack([item_rate, (liked[t] - liked[t - n]) / n], 1)      # t-n is still t's user
-    target = data.positions(ds) >= n
-    fit, test = np.flatnonzero(target & train), np.flatnonzero(target & (split == 2))
-    if len(fit) > most:
-        fit = fit[np.linspace(0, len(fit) - 1, most).astype(np.int64)]
-    model = LogisticRegression().fit(features(fit), y[fit])
-    return metrics(model.decision_function(features(test)), y[test])
+    fit = np.flatnonzero((data.positions(ds) >= n) & train)
+    fit = fit[np.linspace(0, len(fit) - 1, min(most, len(fit))).astype(np.int64)]
+    return LogisticRegression().fit(features(fit), y[fit]).decision_function(features(blocks))
+
+
+def weighted_auc(scores, labels, weights):
+    """AUC of scores (N,) for labels (N,) under R sets of per-target weights (R, N): the weighted
+    share of (positive, negative) pairs ranked right, a tie counting half. -> (R,)"""
+    order = np.argsort(scores, kind='stable')
+    s, y, w = scores[order], labels[order], weights[:, order]
+    first = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])                      # each run of equal scores
+    run = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(s)]))      # (N,) its run
+    neg = np.add.reduceat(np.where(y == 0, w, 0.0), first, axis=1)             # (R, runs) negatives in a run
+    pos = np.where(y == 1, w, 0.0)                                             # (R, N)
+    return (pos * (np.cumsum(neg, 1) - 0.5 * neg)[:, run]).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def paired_ci(ds, blocks, a, b, resamples=1000):
+    """95% interval of AUC(a) - AUC(b), two models' (seeds, targets) logits of the targets
+    `blocks`, by a bootstrap that draws users (a user's targets go together) and seeds with
+    replacement: the statistic is the mean over the drawn seeds of the paired difference, so the
+    interval holds both the test set's noise and training's. [0, 0] for a == b."""
+    a, b, labels = np.atleast_2d(a), np.atleast_2d(b), ds['label'][blocks]
+    if len(np.unique(labels)) < 2:
+        return None
+    _, user = np.unique(np.searchsorted(ds['user_start'], blocks, side='right'), return_inverse=True)
+    rng, U, diffs = np.random.default_rng(0), user.max() + 1, []
+    for r in range(0, resamples, 100):  # 100 resamples at a time: (100, targets) weights
+        w = np.stack([np.bincount(rng.integers(0, U, U), minlength=U) for _ in range(min(100, resamples - r))])
+        d = np.stack([weighted_auc(x, labels, w[:, user]) - weighted_auc(y, labels, w[:, user]) for x, y in zip(a, b)])
+        diffs.append(np.take_along_axis(d, rng.integers(0, len(a), d.shape), 0).mean(0))  # seeds drawn too
+    return [float(v) for v in np.percentile(np.concatenate(diffs), [2.5, 97.5])]
 
 # -----------------------------------------------------------------------------
-# experiments: one run (--mode sw, dti), SW against DTI (compare), the ablation, attention paths (bench)
+# main: --mode sw and --mode dti
 
 
-def eval_prompts(args, ds, mode, k):
-    """{'valid': (refs, prob), 'test': (refs, prob)}: SW prompts or streams of k targets, of the
-    first --max-eval-targets targets of each split if given."""
-    return {name: make_prompts(ds, split, mode, args.n, k, args.max_eval_targets)
-            for split, name in ((1, 'valid'), (2, 'test'))}
-
-
-def prepare(args, ds, mode, k, evals=None):
-    """Train units (train_units) and valid/test prompts (`evals`, built here from --eval-mode
-    unless given) for one run, or a one-line error before any work."""
-    units = train_units(ds, args.n, k, args.max_train_targets)
-    evals = evals or eval_prompts(args, ds, args.eval_mode, k)
-    if not len(units) or not all(len(refs) for refs, _ in evals.values()):
-        die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
-    if args.epochs * len(units) > MAX_PLANNED_UNITS:
-        die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
-            f'before step 1, more than {MAX_PLANNED_UNITS}')
-    labels = np.unique(target_labels(ds, units))
-    if len(labels) < 2:
-        die(f'{ds["name"]}: the train targets are all {"positive" if labels[0] else "negative"}; nothing to learn')
-    longest = max(int(data.ref_tokens(ds, refs).max()) for refs in [unit_prompts(units, mode, args.n)]
-                  + [refs for refs, _ in evals.values()])
-    if args.pos == 'learned' and longest > args.block_size:
-        die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
-    return units, evals
-
-
-def run(args, ds, mode, k, prepared, init=None, ckpt_dir=None, resume=None):
-    """Train one model (from the state `init` if given; checkpoints into ckpt_dir; continuing the
-    checkpoint `resume`), evaluate it, return its results."""
+def run(args, ds, mode, k, prepared, seed, init=None, save=None, resume=None, **change):
+    """Train one model (from the weights `init` if given, with `change` to its config) and evaluate
+    it; returns its results, test logits included."""
     units, evals = prepared
-    train_prompts = unit_prompts(units, mode, args.n)
-    torch.manual_seed(args.seed)
-    model = build_model(args)
+    model = build_model(args, mode, seed, **change)
     if init is not None:  # an ALiBi model takes a learned-position model's weights but its wpe
-        model.load_state_dict({key: v for key, v in init.items() if args.pos == 'learned' or 'wpe' not in key})
-    print(f'{ds["name"]}: {len(train_prompts)} {mode} prompts, {data.ref_targets(units).sum()} train targets, '
-          f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters')
-    targets_trained, train_seconds, records = train(model, ds, units, mode, args, f'train {mode}', ckpt_dir, resume)
-    res = dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=args.mask, pos=args.pos, attn=model.config.attn,
-               n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=args.seed,
-               targets_trained=targets_trained, train_seconds=train_seconds, steps=len(records),
-               mean_targets_per_step=targets_trained / len(records),
-               time_per_target_ms=1000 * train_seconds / targets_trained,
-               median_time_per_target_ms=median_ms_per_target(records),
-               flops_per_target=flops_per_target(ds, train_prompts, model.config),
-               padding=float(np.mean([r.padding for r in records])),
-               first_loss=float(np.mean([r.loss for r in records[:10]])),
-               last_loss=float(np.mean([r.loss for r in records[-10:]])),
-               step_loss=[r.loss for r in records])
-    for name, (refs, prob) in evals.items():
-        labels = target_labels(ds, refs)
-        res[f'{name}_targets'] = len(labels)
-        res.update({f'{name}_{key}': v for key, v in metrics(predict(model, ds, refs, args.device), labels).items()})
-        res[f'{name}_bayes_auc'] = auc(labels, prob) if np.isfinite(prob).all() else None
-    res['bayes_auc'] = res.get('test_bayes_auc')  # None on real data: nobody knows the true probabilities
-    res['args'] = vars(args)
-    return res, model
+        model.load_state_dict({key: v for key, v in init.items() if key in model.state_dict()})
+    prompts = unit_prompts(units, mode, args.n)
+    print(f'{ds["name"]}: {len(prompts)} {mode} prompts, {data.prompt_targets(units).sum()} train targets, '
+          f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, seed {seed}, '
+          f'{model.config.attn} attention')
+    records = train(model, ds, units, mode, args, seed, f'train {mode}', save, resume)
+    targets, seconds = sum(r.targets for r in records), sum(r.seconds for r in records)
+    res = evaluate(model, ds, evals, args.device)
+    return dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=model.config.mask, pos=model.config.pos,
+                attn=model.config.attn, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=seed,
+                targets_trained=targets, train_seconds=seconds, steps=len(records),
+                mean_targets_per_step=targets / len(records), time_per_target_ms=1000 * seconds / targets,
+                median_time_per_target_ms=median_ms_per_target(records),
+                flops_per_target=flops_per_target(ds, prompts, model.config),
+                padding=float(np.mean([r.padding for r in records])),
+                first_loss=float(np.mean([r.loss for r in records[:10]])),
+                last_loss=float(np.mean([r.loss for r in records[-10:]])), step_loss=[r.loss for r in records],
+                **res, bayes_auc=res.get('test_bayes_auc'))
 
 
-def train_and_report(args, ckpt):
-    """--mode sw or dti: load and prepare the data, train with checkpoints in DIR, evaluate, write
-    results.json (with the preparation time and the process's peak memory), print the table."""
+def train_and_report(args, ckpt=None):
+    """--mode sw or dti: prepare the data, train one model per seed with checkpoints in DIR, write
+    results.json (the first seed's run, every seed's test AUC and LogLoss, and the interval of the
+    test AUC against the baseline's), print the table."""
     t0 = time.perf_counter()
     ds = load_dataset(args)
-    prepared = prepare(args, ds, args.mode, args.k)
+    if ckpt and ckpt['data'] != data.fingerprint(ds):
+        die(f"--resume: the data set differs from the checkpoint's ({ds['name']} has the fingerprint "
+            f"{data.fingerprint(ds)}, the checkpoint {ckpt['data']}); a resumed run must be the same run")
+    prepared = prepare(args, ds, args.mode, args.ks[0], eval_prompts(args, ds, args.eval_mode, args.ks[0]))
     prepare_seconds, prepare_peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
     print(f'data prepared in {prepare_seconds:.1f}s, peak memory so far {prepare_peak_rss_mb:.0f} MB')
-    res, _ = run(args, ds, args.mode, args.k, prepared, ckpt_dir=args.out, resume=ckpt)
-    res.update({f'baseline_test_{key}': v for key, v in baseline(ds, args.n).items()})
-    res.update(prepare_seconds=prepare_seconds, prepare_peak_rss_mb=prepare_peak_rss_mb, peak_rss_mb=peak_rss_mb())
+    lock(args.out)
+    done = ckpt['done'] if ckpt else []  # the results of the seeds that finished
+    for seed in range(args.seed + len(done), args.seed + args.seeds):
+        state = dict(args=vars(args), data=data.fingerprint(ds), seed=seed, done=done)
+        done.append(run(args, ds, args.mode, args.ks[0], prepared, seed, save=lambda s: save_checkpoint(
+            args.out, {**s, **state}), resume=ckpt if ckpt and ckpt['seed'] == seed else None))
+    blocks = data.target_blocks(prepared[1]['test'][0])
+    base = baseline(ds, args.n, blocks)
+    res = dict(done[0], **over_seeds(done, 'test_auc'), **over_seeds(done, 'test_logloss'), seeds=args.seeds,
+               **{f'baseline_test_{m}': v for m, v in metrics(base, ds['label'][blocks]).items()},
+               baseline_diff_ci=paired_ci(ds, blocks, [r['test_logits'] for r in done], [base] * len(done)),
+               prepare_seconds=prepare_seconds, prepare_peak_rss_mb=prepare_peak_rss_mb, peak_rss_mb=peak_rss_mb())
+    res = dict({key: v for key, v in res.items() if not key.endswith('_logits')}, args=vars(args))
     path = write_json(args.out, 'results.json', res)
     print()
     print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
@@ -637,69 +498,102 @@ def train_and_report(args, ckpt):
                   num(res.get(f'{key}_bayes_auc'))]
                  for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test'))])
     print(f'test LR: the non-neural baseline, {BASELINE}')
+    if args.seeds > 1:
+        print(f"over {args.seeds} seeds: test AUC {seeds_cell(res['test_auc_seeds'])}, "
+              f"LogLoss {seeds_cell(res['test_logloss_seeds'])}")
+    print(f"test AUC minus LR's: {difference(res['test_auc_mean'], res['baseline_test_auc'], res['baseline_diff_ci'])}"
+          f" (95% interval: a bootstrap over test users{' and seeds' if args.seeds > 1 else ''})")
     print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
           f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per target "
           f"(analytic); wrote {path}")
     return res
 
 
+def main(argv=None):
+    args = parse_args(argv)
+    check_out(args)
+    ckpt = checkpoint_in(args)  # --resume: the run to continue; a fresh run: no other run's checkpoint in DIR
+    setup_distributed(args)
+    warnings.simplefilter('ignore')  # stderr holds this program's lines only (no numpy overflow notes)
+    try:
+        if args.mode in ('sw', 'dti'):
+            return train_and_report(args, ckpt)
+        if args.mode == 'bench':
+            return bench(args)
+        return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
+    except KeyboardInterrupt:  # Ctrl-C: what is on disk, and how to go on from it
+        for name in OUTPUTS[args.mode]:
+            if os.path.isfile(os.path.join(args.out, name + '.tmp')) and not RANK:
+                os.remove(os.path.join(args.out, name + '.tmp'))  # half-written
+        path = os.path.join(args.out, 'ckpt.pt')
+        die(f'interrupted; rerun with --resume to continue from {path}' if args.mode in ('sw', 'dti') and
+            os.path.isfile(path) else 'interrupted; no checkpoint was written', code=130)
+    finally:
+        unlock()
+        if WORLD > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+# =============================================================================
+# everything below serves experiments and long runs
+# -----------------------------------------------------------------------------
+# experiments: SW against DTI (compare), the ablation, attention paths (bench)
+
+
 def compare(args, ds):
     """SW and DTI step for step: the same initial weights, data, mask and steps, SW step j on the
-    targets of DTI step j (train_units). One SW run, one DTI run per k; speed-ups are ratios of
-    median step times per target in this process, each run on its faster path under --attn auto."""
-    evals = eval_prompts(args, ds, 'sw', args.k[0]) if args.eval_mode == 'sw' else None  # the same for every k
-    prepared = {k: prepare(args, ds, 'dti', k, evals) for k in args.k}
-    sw_prepared = prepare(args, ds, 'sw', args.k[0], evals)
-    torch.manual_seed(args.seed)
-    init = build_model(args).state_dict()
-    sw, _ = run(args, ds, 'sw', args.k[0], sw_prepared, init)
-    sw.update({f'baseline_test_{key}': v for key, v in baseline(ds, args.n).items()})  # once per data set
-    sweep = []
-    for k in args.k:
-        dti, _ = run(args, ds, 'dti', k, prepared[k], init)
-        assert dti['targets_trained'] == sw['targets_trained']
-        sweep.append(dict(k=k, dti_time_per_target_ms=dti['median_time_per_target_ms'],
-                          speedup=sw['median_time_per_target_ms'] / dti['median_time_per_target_ms'],
-                          analytic_speedup=sw['flops_per_target'] / dti['flops_per_target'],
-                          ideal_ratio=args.n * k / (args.n + k), dti_flops_per_target=dti['flops_per_target'],
-                          dti_test_auc=dti['test_auc'], dti_test_logloss=dti['test_logloss'],
-                          dti_test_f1=dti['test_f1'], dti_train_seconds=dti['train_seconds'], dti_padding=dti['padding'],
-                          dti_attn=dti['attn'], dti_steps=dti['steps'], dti_step_loss=dti['step_loss']))
-    first = sweep[0]
-    res = dict(first, sw_time_per_target_ms=sw['median_time_per_target_ms'], sw_test_auc=sw['test_auc'],
-               sw_test_logloss=sw['test_logloss'], sw_test_f1=sw['test_f1'], sw_flops_per_target=sw['flops_per_target'],
-               sw_train_seconds=sw['train_seconds'], sw_padding=sw['padding'], sw_attn=sw['attn'], sw_steps=sw['steps'],
-               sw_step_loss=sw['step_loss'], max_step_loss_diff=step_loss_diff(sw['step_loss'], first['dti_step_loss']),
-               mean_targets_per_step=sw['mean_targets_per_step'], bayes_auc=sw['bayes_auc'],
-               **{key: sw[key] for key in ('baseline_test_auc', 'baseline_test_logloss', 'baseline_test_f1')},
-               n=args.n, mask=args.mask, pos=args.pos, targets_trained=sw['targets_trained'],
+    targets of DTI step j; per seed, one SW run and one DTI run per k. Speed-ups are ratios of
+    median step times per target of the first seed's runs, in this process."""
+    evals = {k: eval_prompts(args, ds, args.eval_mode, k) for k in args.ks}  # their targets: the same for every k
+    prepared = {('sw', args.ks[0]): prepare(args, ds, 'sw', args.ks[0], evals[args.ks[0]]),
+                **{('dti', k): prepare(args, ds, 'dti', k, evals[k]) for k in args.ks}}
+    lock(args.out)
+    runs = {key: [] for key in prepared}
+    for seed in range(args.seed, args.seed + args.seeds):
+        init = build_model(args, 'sw', seed).state_dict()
+        for (mode, k), p in prepared.items():
+            runs[mode, k].append(run(args, ds, mode, k, p, seed, init))
+    blocks = data.target_blocks(evals[args.ks[0]]['test'][0])
+    sw, base = runs['sw', args.ks[0]], baseline(ds, args.n, blocks)
+    s, logits = sw[0], lambda rs: [r['test_logits'] for r in rs]
+    mean = lambda rs, m: float(np.mean([r[f'test_{m}'] for r in rs]))
+    sweep = [dict(k=k, dti_time_per_target_ms=r[0]['median_time_per_target_ms'], dti_attn=r[0]['attn'],
+                  speedup=s['median_time_per_target_ms'] / r[0]['median_time_per_target_ms'],
+                  analytic_speedup=s['flops_per_target'] / r[0]['flops_per_target'], ideal_ratio=args.n * k / (args.n + k),
+                  **{f'dti_{key}': r[0][key] for key in ('flops_per_target', 'train_seconds', 'padding', 'steps',
+                                                         'step_loss')},
+                  dti_test_auc_seeds=[x['test_auc'] for x in r], test_auc_diff_ci=paired_ci(ds, blocks, logits(r), logits(sw)),
+                  **{f'dti_test_{m}': mean(r, m) for m in ('auc', 'logloss', 'f1')})
+             for (mode, k), r in runs.items() if mode == 'dti']
+    res = dict(sweep[0], **{f'sw_{key}': s[key] for key in ('flops_per_target', 'train_seconds', 'padding', 'attn',
+                                                             'steps', 'step_loss')},
+               sw_time_per_target_ms=s['median_time_per_target_ms'], sw_test_auc_seeds=[r['test_auc'] for r in sw],
+               **{f'sw_test_{m}': mean(sw, m) for m in ('auc', 'logloss', 'f1')},
+               max_step_loss_diff=float(np.max(np.abs(np.subtract(s['step_loss'], sweep[0]['dti_step_loss'])))),
+               mean_targets_per_step=s['mean_targets_per_step'], bayes_auc=s['bayes_auc'],
+               **{f'baseline_test_{m}': v for m, v in metrics(base, ds['label'][blocks]).items()},
+               n=args.n, mask=args.mask, pos=args.pos, targets_trained=s['targets_trained'], seeds=args.seeds,
                torch=torch.__version__, threads=torch.get_num_threads(), sweep=sweep, args=vars(args))
     path = write_json(args.out, 'compare.json', res)
-    print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, pos={args.pos}, {sw['targets_trained']} targets trained each "
-          f"in {sw['steps']} paired steps of {sw['mean_targets_per_step']:.0f} targets on average; "
+    print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, pos={args.pos}, {s['targets_trained']} targets trained each "
+          f"in {s['steps']} paired steps of {s['mean_targets_per_step']:.0f} targets on average; "
           f"medians of step time per target")
-    print_table(['', 'path', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'test AUC', 'padding'],
-                [['SW', sw['attn'], f"{sw['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '',
-                  num(sw['test_auc']), f"{sw['padding']:.1%}"]] +
-                [[f"DTI k={r['k']}", r['dti_attn'], f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
-                  f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", num(r['dti_test_auc']),
-                  f"{r['dti_padding']:.1%}"] for r in sweep])
+    print_table(['', 'path', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'padding'],
+                [['SW', s['attn'], f"{s['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '', f"{s['padding']:.1%}"]]
+                + [[f"DTI k={r['k']}", r['dti_attn'], f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
+                    f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", f"{r['dti_padding']:.1%}"]
+                   for r in sweep])
     print()
-    print_table(['', 'test AUC', 'LogLoss', 'F1', 'train s'],
-                [['SW', *(num(sw[f'test_{m}']) for m in ('auc', 'logloss', 'f1')), f"{sw['train_seconds']:.1f}"]] +
-                [[f"DTI k={r['k']}", *(num(r[f'dti_test_{m}']) for m in ('auc', 'logloss', 'f1')),
-                  f"{r['dti_train_seconds']:.1f}"] for r in sweep] +
-                [['test LR', *(num(sw[f'baseline_test_{m}']) for m in ('auc', 'logloss', 'f1')), '']])
-    print(f'test LR: {BASELINE}')
-    print(f"largest difference of SW's and DTI k={first['k']}'s loss at the same step: {res['max_step_loss_diff']:.2e}")
+    print_table(['', 'test AUC', 'LogLoss', 'F1', 'train s', "minus SW's AUC [95% interval]"],
+                [['SW', seeds_cell(res['sw_test_auc_seeds']), num(res['sw_test_logloss']), num(res['sw_test_f1']),
+                  f"{s['train_seconds']:.1f}", '']]
+                + [[f"DTI k={r['k']}", seeds_cell(r['dti_test_auc_seeds']), num(r['dti_test_logloss']),
+                    num(r['dti_test_f1']), f"{r['dti_train_seconds']:.1f}",
+                    difference(r['dti_test_auc'], res['sw_test_auc'], r['test_auc_diff_ci'])] for r in sweep]
+                + [['test LR', *(num(res[f'baseline_test_{m}']) for m in ('auc', 'logloss', 'f1')), '', '']])
+    print(f'test LR: {BASELINE}; the interval: a paired bootstrap over test users and seeds')
+    print(f"largest difference of SW's and DTI k={args.ks[0]}'s loss at the same step: {res['max_step_loss_diff']:.2e}")
     print(f'wrote {path}')
     return res
-
-
-def step_loss_diff(a, b):
-    """Largest |difference| of two runs' losses at the same step (they take the same steps)."""
-    assert len(a) == len(b), (len(a), len(b))
-    return float(np.max(np.abs(np.subtract(a, b))))
 
 
 ABLATION = [  # (name, mode, mask, pos): pos None is --pos
@@ -715,76 +609,141 @@ ABLATION = [  # (name, mode, mask, pos): pos None is --pos
 def ablation(args, ds):
     """The paper's ablation on this code: SW with the standard (causal) and the isolated mask, and
     DTI with {window, isolated} x {learned, ALiBi} for every k of --k, all from the same initial
-    weights on the same targets and steps. Every model is scored twice: on SW prompts (how a
-    deployed model meets one new target) and on streams of its k (SW rows: the largest k)."""
-    evals = {f'{split}_sw': prompts for split, prompts in eval_prompts(args, ds, 'sw', args.k[0]).items()}
-    streams = {k: {f'{split}_stream': prompts for split, prompts in eval_prompts(args, ds, 'dti', k).items()}
-               for k in args.k}
-    runs = [(name, mode, mask, pos or args.pos, k) for name, mode, mask, pos in ABLATION
-            for k in ([max(args.k)] if mode == 'sw' else args.k)]
-    torch.manual_seed(args.seed)
-    init = build_model(argparse.Namespace(**{**vars(args), 'pos': 'learned'})).state_dict()
-    rows = []
-    for name, mode, mask, pos, k in runs:
-        row_args = argparse.Namespace(**{**vars(args), 'mask': mask, 'pos': pos, 'k': k})
-        print(f'\n{name}: --mode {mode} --mask {mask} --pos {pos}' + (f' --k {k}' if mode == 'dti' else ''))
-        res, _ = run(row_args, ds, mode, k, prepare(row_args, ds, mode, k, {**evals, **streams[k]}), init)
-        row = dict(name=name, mode=mode, mask=mask, pos=pos, k=k if mode == 'dti' else None, attn=res['attn'],
-                   train_seconds=res['train_seconds'], median_time_per_target_ms=res['median_time_per_target_ms'],
-                   flops_per_target=res['flops_per_target'], targets_trained=res['targets_trained'],
-                   steps=res['steps'], step_loss=res['step_loss'])
-        for split in ('valid', 'test'):
-            for way in ('sw', 'stream'):
-                row.update({f'{split}_{m}_{way}': res[f'{split}_{way}_{m}'] for m in ('auc', 'logloss')})
-        rows.append(row)
-    standard, isolated = rows[:2]
-    for row in rows:
-        row['speedup'] = standard['median_time_per_target_ms'] / row['median_time_per_target_ms']
-    # SW rows train on the batches of streams of the largest k: a DTI row at that k takes the same steps on the
-    # same targets as the SW row with its mask, and from the same weights its first step's loss differs only by
-    # what the two paradigms compute differently ('DTI, both' against 'SW, isolated': nothing but round-off)
-    paired = [r for r in rows if r['k'] == max(args.k)]
-    for r in paired:
-        sw_row = isolated if r['mask'] == 'isolated' else standard
-        diff = np.abs(np.subtract(r['step_loss'], sw_row['step_loss']))
-        r.update(paired_sw_row=sw_row['name'], step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
-                 first_step_diff_over_1e4=int(np.argmax(diff > 1e-4)) + 1 if (diff > 1e-4).any() else None)
-    both = next(r for r in paired if r['name'] == 'DTI, both')
-    test_prompts, test_prob = evals['test_sw']
-    res = dict(dataset=args.dataset, n=args.n, k=args.k, targets_trained=standard['targets_trained'],
-               steps=standard['steps'], bayes_auc=auc(target_labels(ds, test_prompts), test_prob)
-               if np.isfinite(test_prob).all() else None,
-               max_step_loss_diff=both['step_loss_diff_max'],
-               torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, args=vars(args))
+    weights on the same targets and steps, once per seed. Every model is scored twice: on SW
+    prompts (how a deployed model meets one new target) and on streams of its k (SW rows: the
+    largest k, on whose batches they train). Each row's test AUC gets a paired interval against
+    the first row's."""
+    K = max(args.ks)
+    evals = {k: {f'{split}_{way}': p for way, mode in (('sw', 'sw'), ('stream', 'dti'))
+                 for split, p in eval_prompts(args, ds, mode, k).items()} for k in args.ks}
+    rows = [dict(name=name, mode=mode, mask=mask, pos=pos or args.pos, k=None if mode == 'sw' else k)
+            for name, mode, mask, pos in ABLATION for k in ([K] if mode == 'sw' else args.ks)]
+    prepared = {(r['mode'], r['k']): prepare(args, ds, r['mode'], r['k'] or K, evals[r['k'] or K]) for r in rows}
+    lock(args.out)
+    for seed in range(args.seed, args.seed + args.seeds):
+        init = build_model(args, 'sw', seed, pos='learned').state_dict()
+        for r in rows:
+            print(f"\n{r['name']}: --mode {r['mode']} --mask {r['mask']} --pos {r['pos']} --k {r['k'] or K}")
+            r.setdefault('runs', []).append(run(args, ds, r['mode'], r['k'] or K, prepared[r['mode'], r['k']], seed,
+                                                init, mask=r['mask'], pos=r['pos']))
+    blocks = {way: data.target_blocks(evals[K][f'test_{way}'][0]) for way in ('sw', 'stream')}
+    ref = rows[0]['runs']
+    for r in rows:
+        r.update({key: r['runs'][0][key] for key in ('attn', 'train_seconds', 'median_time_per_target_ms',
+                                                      'flops_per_target', 'targets_trained', 'steps', 'step_loss')})
+        for split, way, m in itertools.product(('valid', 'test'), ('sw', 'stream'), ('auc', 'logloss')):
+            r.update(over_seeds(r['runs'], f'{split}_{way}_{m}', f'{split}_{m}_{way}'))
+            r[f'{split}_{m}_{way}'] = r[f'{split}_{m}_{way}_mean']
+        for way in ('sw', 'stream'):
+            logits = lambda runs: [x[f'test_{way}_logits'] for x in runs]
+            r[f'test_auc_{way}_diff_ci'] = paired_ci(ds, blocks[way], logits(r['runs']), logits(ref))
+        r['speedup'] = rows[0]['median_time_per_target_ms'] / r['median_time_per_target_ms']
+    paired_steps(rows, K)
+    res = dict(dataset=args.dataset, n=args.n, k=args.ks, seeds=args.seeds, reference=rows[0]['name'],
+               targets_trained=rows[0]['targets_trained'], steps=rows[0]['steps'], bayes_auc=ref[0]['test_sw_bayes_auc'],
+               max_step_loss_diff=next(r for r in rows if r['name'] == 'DTI, both' and r['k'] == K)['step_loss_diff_max'],
+               torch=torch.__version__, threads=torch.get_num_threads(),
+               rows=[{key: v for key, v in r.items() if key != 'runs'} for r in rows], args=vars(args))
     path = write_json(args.out, 'ablation.json', res)
-    bayes = '' if res['bayes_auc'] is None else f", Bayes AUC {res['bayes_auc']:.4f}"
-    print(f"\nablation on {args.dataset}, n={args.n}, {res['targets_trained']} targets trained by every row{bayes}; "
-          f"test metrics scored on SW prompts and on streams of the row's k (SW rows: k={max(args.k)})")
-    print_table(['', 'k', 'mask', 'pos', 'path', 'AUC SW', 'LogLoss SW', 'AUC stream', 'LogLoss stream',
-                 'train s', 'ms/target', 'speed-up'],
-                [[r['name'], str(r['k'] or ''), r['mask'], r['pos'], r['attn'], num(r['test_auc_sw']),
-                  num(r['test_logloss_sw']), num(r['test_auc_stream']), num(r['test_logloss_stream']),
-                  f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x"]
-                 for r in rows])
-    print(f"\nat k={max(args.k)} every DTI row takes the same steps as the SW row with its mask, from the same weights; "
-          f"their losses at the same step differ by")
-    print_table(['', 'against', 'step 1', 'first step > 1e-4', 'largest'],
-                [[r['name'], r['paired_sw_row'], f"{r['step_loss_diff_first']:.1e}",
-                  str(r['first_step_diff_over_1e4'] or '-'), f"{r['step_loss_diff_max']:.1e}"] for r in paired])
-    print(f'valid metrics and step losses are in {path}')
+    print_ablation(res, path)
     return res
 
 
-def bench_stream(args, targets=440):
-    """One DTI stream of n context blocks and 440 targets: about 4,000 tokens."""
-    ds = data.synthetic(n_users=1, min_len=args.n + targets, max_len=args.n + targets, n=args.n)
-    return data.collate_refs(ds, data.dti_refs(np.array([[0, args.n + targets]]), args.n, targets))
+def paired_steps(rows, K):
+    """At k=K every DTI row takes the same steps as the SW row with its mask, from the same weights:
+    their step losses differ only by what the two paradigms compute differently ('DTI, both'
+    against 'SW, isolated': nothing but round-off, which training then amplifies)."""
+    sw_rows = {r['mask']: r for r in rows if r['mode'] == 'sw'}
+    for r in rows:
+        if r['k'] == K:
+            sw = sw_rows[r['mask']]
+            diff = np.abs(np.subtract(r['step_loss'], sw['step_loss']))
+            r.update(paired_sw_row=sw['name'], step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
+                     first_step_diff_over_1e4=int(np.argmax(diff > 1e-4)) + 1 if (diff > 1e-4).any() else None)
 
 
-def peak_rss_mb():
-    """The most memory (resident set, MB) this process has held so far."""
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == 'darwin' else 2**10)
+def print_ablation(res, path):
+    rows, K = res['rows'], max(res['k'])
+    bayes = '' if res['bayes_auc'] is None else f", Bayes AUC {res['bayes_auc']:.4f}"
+    print(f"\nablation on {res['dataset']}, n={res['n']}, {res['targets_trained']} targets trained by every row, "
+          f"{res['seeds']} seed(s){bayes}; test metrics scored on SW prompts and on streams of the row's k "
+          f"(SW rows: k={K})")
+    print_table(['', 'k', 'mask', 'pos', 'path', 'AUC SW', 'LogLoss SW', 'AUC stream', 'LogLoss stream',
+                 'train s', 'ms/target', 'speed-up'],
+                [[r['name'], str(r['k'] or ''), r['mask'], r['pos'], r['attn'],
+                  *(seeds_cell(r[f'test_{m}_{way}_seeds']) for way in ('sw', 'stream') for m in ('auc', 'logloss')),
+                  f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x"]
+                 for r in rows])
+    print(f"\ntest AUC minus {res['reference']}'s, with its paired 95% interval (bootstrap over test users and seeds)")
+    print_table(['', 'k', 'scored on SW prompts', 'scored on streams'],
+                [[r['name'], str(r['k'] or ''), *(difference(r[f'test_auc_{way}'], rows[0][f'test_auc_{way}'],
+                                                             r[f'test_auc_{way}_diff_ci']) for way in ('sw', 'stream'))]
+                 for r in rows[1:]])
+    print(f"\nat k={K} every DTI row takes the same steps as the SW row with its mask, from the same weights; "
+          f"their losses at the same step differ by (first seed)")
+    print_table(['', 'against', 'step 1', 'first step > 1e-4', 'largest'],
+                [[r['name'], r['paired_sw_row'], f"{r['step_loss_diff_first']:.1e}",
+                  str(r['first_step_diff_over_1e4'] or '-'), f"{r['step_loss_diff_max']:.1e}"]
+                 for r in rows if r['mode'] == 'dti' and r['k'] == K])
+    print(f"valid metrics, every seed's numbers and step losses are in {path}")
+
+
+def over_seeds(runs, key, name=None):
+    """{name}_seeds: runs[i][key] for every seed, with their _mean and _std (None if one is None)."""
+    v, name = [r[key] for r in runs], name or key
+    whole = None not in v
+    return {f'{name}_seeds': v, f'{name}_mean': float(np.mean(v)) if whole else None,
+            f'{name}_std': float(np.std(v)) if whole else None}
+
+
+def seeds_cell(values):
+    """A table cell: the value of one seed, or mean ± standard deviation over several."""
+    return '-' if None in values else num(values[0]) if len(values) == 1 else \
+        f'{np.mean(values):.4f} ± {np.std(values):.4f}'
+
+
+def difference(a, b, ci):
+    """a - b as '+0.0123 [+0.0050, +0.0190]', with ' not different' where the interval holds 0."""
+    if None in (a, b, ci):
+        return '-'
+    return f'{a - b:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]' + (' not different' if ci[0] <= 0 <= ci[1] else '')
+
+
+def bench(args):
+    """Block-sparse vs dense attention (and FlexAttention on CUDA), forward + backward on one long
+    stream (n context blocks, 440 targets: about 4,000 tokens), interleaved; on CUDA each timing
+    waits for the device."""
+    ds = data.synthetic(n_users=1, min_len=args.n + 440, max_len=args.n + 440, n=args.n)
+    b = to_device(data.collate(ds, data.dti_streams(np.array([[0, args.n + 440]]), args.n, 440)), args.device)
+    if args.pos == 'learned' and b['idx'].size(1) > args.block_size:
+        die(f"a prompt of {b['idx'].size(1)} tokens is longer than --block-size {args.block_size} (learned positions)")
+    lock(args.out)
+    cuda = 'cuda' in args.device
+    models = {attn: build_model(args, 'dti', args.seed, attn=attn) for attn in ['sparse', 'dense'] + ['flex'] * cuda}
+    times = {attn: [] for attn in models}
+
+    def step(model):
+        with autocast(args.device):
+            model(b['idx'], b['block'], b['role']).float().sum().backward()
+        if cuda:
+            torch.cuda.synchronize()
+    for _ in tqdm(range(6), desc='bench', leave=False, disable=None):
+        for attn, model in models.items():
+            t0 = time.perf_counter()
+            step(model)
+            times[attn].append(time.perf_counter() - t0)
+    ms = {attn: 1000 * float(np.median(t[1:])) for attn, t in times.items()}  # the first is warm-up
+    peak = {attn: step_peak_mb(lambda: step(model)) for attn, model in models.items()}
+    res = dict(tokens=b['idx'].size(1), n=args.n, mask=args.mask, pos=args.pos, device=args.device,
+               **{f'{attn}_ms': ms[attn] for attn in times}, speedup=ms['dense'] / ms['sparse'],
+               **{f'{attn}_peak_mb': peak[attn] for attn in times}, torch=torch.__version__,
+               threads=torch.get_num_threads())
+    path = write_json(args.out, 'bench.json', res)
+    print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward (median of 5)")
+    for attn in times:
+        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {peak[attn] or float('nan'):7.0f} MB")
+    print(f"sparse is {res['speedup']:.1f}x faster than dense; wrote {path}")
+    return res
 
 
 def step_peak_mb(step):
@@ -803,99 +762,206 @@ def step_peak_mb(step):
     return status('VmHWM:') - before
 
 
-def bench(args):
-    """Block-sparse vs dense attention (and FlexAttention on CUDA), forward + backward on one long
-    stream, interleaved; on CUDA each timing waits for the device."""
-    b = to_device(bench_stream(args), args.device)
-    cuda = torch.device(args.device).type == 'cuda'
-    times = {attn: [] for attn in ['sparse', 'dense'] + (['flex'] if cuda else [])}
-    models = {attn: build_model(argparse.Namespace(**{**vars(args), 'attn': attn})) for attn in times}
+def peak_rss_mb():
+    """The most memory (resident set, MB) this process has held so far."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == 'darwin' else 2**10)
 
-    def step(model):
-        with autocast(args.device):
-            model(b['idx'], b['block'], b['role']).float().sum().backward()
-        if cuda:
-            torch.cuda.synchronize()
-    for _ in tqdm(range(6), desc='bench', leave=False, disable=None):
-        for attn, model in models.items():
-            t0 = time.perf_counter()
-            step(model)
-            times[attn].append(time.perf_counter() - t0)
-    ms = {attn: 1000 * float(np.median(t[1:])) for attn, t in times.items()}  # the first is warm-up
-    peak = {attn: step_peak_mb(lambda: step(model)) for attn, model in models.items()}
-    res = dict(tokens=b['idx'].size(1), n=args.n, mask=args.mask, pos=args.pos, device=str(args.device),
-               **{f'{attn}_ms': ms[attn] for attn in times}, speedup=ms['dense'] / ms['sparse'],
-               **{f'{attn}_peak_mb': peak[attn] for attn in times}, torch=torch.__version__,
-               threads=torch.get_num_threads())
-    path = write_json(args.out, 'bench.json', res)
-    print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward (median of 5)")
-    for attn in times:
-        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {peak[attn] or float('nan'):7.0f} MB")
-    print(f"sparse is {res['speedup']:.1f}x faster than dense; wrote {path}")
-    return res
+
+def median_ms_per_target(records):
+    """Median over steps of step time per target, warm-up (the first 5% of steps, at least 3) left out."""
+    return 1000 * float(np.median([r.seconds / r.targets for r in records[max(3, len(records) // 20):] or records]))
+
+
+def flops_per_target(ds, prompts, config, most=50_000):
+    """Analytic training FLOPs per target of `prompts` under a model config (model.training_flops),
+    beyond `most` prompts the mean over `most` evenly spaced ones."""
+    prompts = prompts[np.linspace(0, len(prompts) - 1, min(most, len(prompts))).astype(np.int64)]
+    order = np.argsort(data.prompt_tokens(ds, prompts), kind='stable')
+    total = sum(training_flops(config, b['block'], b['role'])
+                for b in (data.collate(ds, prompts[order[s:s + 64]]) for s in range(0, len(order), 64)))
+    return total / int(data.prompt_targets(prompts).sum())
 
 # -----------------------------------------------------------------------------
-# plumbing: checkpoints, distributed runs, output
+# long runs: checkpoints and resume, the --attn auto race, compile, torchrun, CUDA
 
-CKPT_FORMAT = 'dti-minimal checkpoint v1'
-CKPT_KEYS = dict(model=dict, optimizer=dict, step=int, epoch=int, batch_in_epoch=int, seen=int, seconds=float,
-                 records=list, rng=dict, args=dict)  # what save_checkpoint writes, and its types
+CKPT_FORMAT = 'dti-minimal checkpoint v2'
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
-RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'k', 'mask', 'dropout', 'epochs', 'max_train_targets',
-            'batch_size', 'lr', 'weight_decay', 'seed']  # what a resumed run must keep to be the same run
+RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs', 'max_train_targets',
+            'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn']  # what a resumed run must keep
+CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict, data=str, seed=int, done=list,
+                  attn=str)
 
 
-def rng_states():
-    np_state = np.random.get_state(legacy=False)
-    np_state['state']['key'] = torch.from_numpy(np_state['state']['key'].astype(np.int64))  # tensors load safely
-    return dict(python=random.getstate(), numpy=np_state, torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+def save_checkpoint(folder, state):
+    """DIR/ckpt.pt: what training needs to go on (weights, AdamW's state, the step records, the
+    random state dropout draws from) and which run it is (args, the data set's fingerprint, the
+    seed, finished seeds' results, the attention path). Never with non-finite weights; written to a
+    temporary file, then renamed; a failed write stops the run and keeps the previous one."""
+    model, path = state['model'], os.path.join(folder, 'ckpt.pt')
+    check_weights(model, len(state['records']), state['epoch'], folder)
+    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    try:
+        if not RANK:
+            torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(), optimizer=state['optimizer'].state_dict(),
+                            records=[tuple(r) for r in state['records']], rng=rng, attn=model.config.attn,
+                            **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
+            os.replace(path + '.tmp', path)
+    except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        kept = f'the previous {path} is kept' if os.path.exists(path) else 'no checkpoint was written'
+        die(f"cannot write {path} ({' '.join(str(e).split())[:200]}); stopped, {kept}", code=1)
 
 
-def set_rng_states(states):
-    random.setstate(states['python'])
-    np_state = states['numpy']
-    np.random.set_state({**np_state, 'state': {**np_state['state'], 'key': np_state['state']['key'].numpy().astype(np.uint32)}})
-    torch.set_rng_state(states['torch'])
-    if states['cuda'] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states['cuda'])
-
-
-def save_checkpoint(folder, model, opt, step, where, seen, seconds, records, args):
-    """DIR/ckpt.pt, atomically: a temporary file, then os.replace. Rank 0 only. Step records are
-    stored as plain tuples, which torch.load(weights_only=True) reads back."""
-    if RANK:
-        return
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, 'ckpt.pt')
-    torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(), optimizer=opt.state_dict(), step=step,
-                    epoch=where[0], batch_in_epoch=where[1], seen=seen, seconds=seconds,
-                    records=[tuple(r) for r in records], rng=rng_states(), args=vars(args)), path + '.tmp')
-    os.replace(path + '.tmp', path)
-
-
-def load_checkpoint(args):
-    """DIR/ckpt.pt for --resume, checked against this run's arguments; any problem is one line."""
+def checkpoint_in(args):
+    """--resume: DIR/ckpt.pt checked against this run's flags, any problem one line. A fresh sw or
+    dti run may overwrite a checkpoint of the same flags (it recomputes the same run), not
+    another run's: that is refused in one line."""
     path = os.path.join(args.out, 'ckpt.pt')
-    if not os.path.isfile(path):
+    if args.resume and not os.path.isfile(path):
         die(f'--resume: no checkpoint at {path}')
+    if args.mode not in ('sw', 'dti') or not os.path.isfile(path):
+        return None
+    foreign = f'{path} is not a checkpoint of this program; remove it or pass another --out'
     try:
         ckpt = torch.load(path, map_location='cpu', weights_only=True)  # tensors and plain types only
     except Exception as e:
-        die(f'{path}: not a readable checkpoint ({type(e).__name__})')
+        die(f'{path}: not a readable checkpoint ({type(e).__name__})' if args.resume else foreign)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
-        die(f'{path}: not a dti-minimal checkpoint')
-    for key, kind in CKPT_KEYS.items():
+        die(f'{path}: not a dti-minimal checkpoint' if args.resume else foreign)
+    for key, kind in CKPT_TYPES.items():
         if not isinstance(ckpt.get(key), kind):
             die(f'{path}: a damaged checkpoint ({key!r} is missing or not a {kind.__name__})')
-    ckpt['path'] = path
+    show = lambda v: ','.join(map(str, v)) if isinstance(v, (list, tuple)) else v
     for key in SHAPE_ARGS + RUN_ARGS:
-        old, new = ckpt['args'].get(key), getattr(args, key)
+        old, new, flag = ckpt['args'].get(key), getattr(args, key), '--' + key.replace('_', '-').replace('ks', 'k')
+        if old != new and not args.resume:
+            die(f'{path} holds another run ({flag} {show(old)}, here {show(new)}); continue it with its flags '
+                f'and --resume, or pass another --out')
         if old != new:
-            flag = '--' + key.replace('_', '-')
-            die(f'--resume: {flag} {new} changes the model shape (the checkpoint has {old})' if key in SHAPE_ARGS else
-                f'--resume: {flag} {new} differs from the checkpoint ({old}); a resumed run must be the same run')
-    return ckpt
+            die(f'--resume: {flag} {show(new)} changes the model shape (the checkpoint has {show(old)})'
+                if key in SHAPE_ARGS else f'--resume: {flag} {show(new)} differs from the checkpoint '
+                                          f'({show(old)}); a resumed run must be the same run')
+    return dict(ckpt, path=path) if args.resume else None
+
+
+def restore(ckpt, model, opt, n_steps):
+    """Load a checkpoint's weights, optimizer, step records and random state into this run;
+    returns the step records. A checkpoint that does not fit is one line, exit 2."""
+    try:
+        model.load_state_dict(ckpt['model'])
+        opt.load_state_dict(ckpt['optimizer'])
+        for p in model.parameters():  # a foreign optimizer state may load, then fail at its first step
+            for v in opt.state.get(p, {}).values():
+                if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
+                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}')
+        records = [Step(float(s), int(t), float(loss), float(pad)) for s, t, loss, pad in ckpt['records']]
+        if not 0 < len(records) <= n_steps or not all(math.isfinite(r.loss) and r.targets > 0 for r in records):
+            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or one no step writes')
+        if not all(torch.isfinite(p).all() for p in model.parameters()):
+            raise ValueError('non-finite weights')
+        torch.set_rng_state(ckpt['rng']['torch'])
+        if ckpt['rng']['cuda'] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
+    except Exception as e:  # whatever a damaged checkpoint raises
+        die(f"{ckpt['path']}: does not fit this run ({' '.join(str(e).split())[:300]})")
+    return records
+
+
+def read_losses(pending, seconds, step, folder, bar):
+    """Step records of the pending steps (epoch, Batch, loss on the device): the losses read at once
+    (on CUDA the one wait for the device in 10 steps), their `seconds` shared by targets. A
+    non-finite loss stops the run (exit 1), naming its step and the last good checkpoint."""
+    losses = torch.stack([loss for *_, loss in pending])
+    if WORLD > 1:
+        dist.all_reduce(losses)  # each rank holds its part of every batch's mean
+    losses, targets = losses.tolist(), sum(b.targets for _, b, _ in pending)
+    for i, ((epoch, _, _), loss) in enumerate(zip(pending, losses)):
+        if not math.isfinite(loss):
+            stop(f'the loss is {loss} at step {step + 2 - len(pending) + i} (epoch {epoch + 1})', folder)
+    bar.set_postfix(epoch=pending[-1][0] + 1, loss=f'{losses[-1]:.4f}', refresh=False)
+    bar.update(targets)
+    return [Step(seconds * b.targets / targets, b.targets, loss, b.padding) for (_, b, _), loss in zip(pending, losses)]
+
+
+def check_weights(model, step, epoch, folder):
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        stop(f'the weights are not finite after step {step} (epoch {epoch + 1})', folder)
+
+
+def stop(what, folder):
+    """A run that went wrong: one line (exit 1) saying what, and which checkpoint is good."""
+    last = os.path.join(folder or '', 'ckpt.pt')
+    good = f'the last good checkpoint is {last}' if folder and os.path.exists(last) else 'no checkpoint was written'
+    die(f'{what}; stopped, {good}', code=1)
+
+
+def choose_path(model, ds, units, mode, args, schedule, resume):
+    """--attn auto: forward + backward of the first two batches on every exact path (and flex on
+    CUDA), interleaved, three times; model.config.attn becomes the one with the smaller median.
+    Weights, gradients and the random state stay as they were; a resumed run keeps its path."""
+    if args.attn != 'auto' or resume:
+        model.config.attn = resume['attn'] if resume else model.config.attn
+        return
+    cuda = 'cuda' in args.device
+    times = {attn: [] for attn in ['sparse', 'dense'] + ['flex'] * (cuda and not args.dropout)}
+    first = [to_device(data.collate(ds, unit_prompts(units[b], mode, args.n)), args.device) for _, b in schedule[:2]]
+    with torch.random.fork_rng(devices=[args.device] if cuda else []):
+        for attn in list(times) * 3:  # flex's first call compiles it: the median leaves that out
+            model.config.attn, t0 = attn, time.perf_counter()
+            for b in first:
+                with autocast(args.device):
+                    ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).backward()
+            if cuda:
+                torch.cuda.synchronize()
+            times[attn].append(time.perf_counter() - t0)
+    model.zero_grad(set_to_none=True)
+    best = [min(times, key=lambda attn: np.median(times[attn]))]
+    if WORLD > 1:
+        dist.broadcast_object_list(best, src=0)  # every rank takes rank 0's choice
+    model.config.attn = best[0]
+    print('--attn auto, median seconds of two steps: ' + ', '.join(f'{a} {np.median(t):.3f}' for a, t in times.items()))
+
+
+def wrap(model, args):
+    """The model as the step calls it: torch.compile'd with --compile, in DDP under torchrun."""
+    net = torch.compile(model, dynamic=True) if args.compile else model
+    return torch.nn.parallel.DistributedDataParallel(net) if WORLD > 1 else net
+
+
+def batches_ahead(ds, units, mode, model, args, schedule, start):
+    """The Batches of schedule[start:], in order. On CUDA the next one is built in a background
+    thread while the device runs this one, copied through pinned memory without waiting."""
+    make = lambda step: make_batch(ds, units[schedule[step][1]], mode, model, args)
+    if 'cuda' not in args.device:
+        yield from map(make, range(start, len(schedule)))
+        return
+    with ThreadPoolExecutor(1) as host:
+        ahead = host.submit(make, start) if start < len(schedule) else None
+        for step in range(start, len(schedule)):
+            b = ahead.result()
+            ahead = host.submit(make, step + 1) if step + 1 < len(schedule) else None
+            yield b
+
+
+def autocast(device):
+    """bf16 autocast on CUDA; full precision elsewhere."""
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled='cuda' in str(device))
+
+
+def to_device(x, device):
+    """A batch or a plan (tensors, Tiles, a BlockMask, or dicts and lists of them) on `device`;
+    from the CPU to CUDA through pinned memory, without waiting for the copy."""
+    if isinstance(x, torch.Tensor):
+        pin = 'cuda' in str(device) and x.device.type == 'cpu'
+        return (x.pin_memory() if pin else x).to(device, non_blocking=True)
+    if isinstance(x, Tiles):
+        return Tiles(*(to_device(t, device) for t in x))
+    if isinstance(x, (dict, list)):
+        return {key: to_device(v, device) for key, v in x.items()} if isinstance(x, dict) else \
+            [to_device(v, device) for v in x]
+    return x.to(device)  # a BlockMask
 
 
 def setup_distributed(args):
@@ -906,58 +972,126 @@ def setup_distributed(args):
         return
     if args.mode not in ('sw', 'dti'):
         die(f'torchrun runs --mode sw or dti, not {args.mode}')
-    cuda = torch.device(args.device).type == 'cuda'
-    if cuda:
+    if 'cuda' in args.device:
         args.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group('nccl' if cuda else 'gloo')
+    dist.init_process_group('nccl' if 'cuda' in args.device else 'gloo')
     RANK, WORLD = dist.get_rank(), dist.get_world_size()
     if RANK:
         sys.stdout = open(os.devnull, 'w')
 
+# -----------------------------------------------------------------------------
+# plumbing: checks no flag type covers, the output folder and its lock, JSON, tables
 
 OUTPUTS = dict(sw=['results.json', 'ckpt.pt'], dti=['results.json', 'ckpt.pt'], compare=['compare.json'],
                ablation=['ablation.json'], bench=['bench.json'])  # what each mode writes into --out
+HELD = []  # the lock files this process holds
+
+
+def die(msg, code=2):
+    """Bad input (exit code 2) or a failed run (1): one line on stderr, no traceback."""
+    print(f'dti_minimal.py: error: {msg}', file=sys.stderr)
+    sys.exit(code)
+
+
+def warn(msg):
+    if not RANK:
+        print(f'dti_minimal.py: warning: {msg}', file=sys.stderr)
+
+
+def check_device(device, attn, dropout):
+    """--device resolved (auto: cuda, else mps, else cpu) and checked, with what --attn needs of it."""
+    if device == 'auto':
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        die(f'unknown --device {device!r}')
+    if kind not in ('cpu', 'cuda', 'mps'):
+        die(f'--device {device}: use auto, cpu, cuda, cuda:N or mps')
+    if kind == 'cuda' and (torch.device(device).index or 0) >= torch.cuda.device_count():
+        die(f'--device {device}: no such CUDA device here')
+    if kind == 'mps' and not torch.backends.mps.is_available():
+        die(f'--device {device}: no MPS device here')
+    if attn == 'flex' and kind != 'cuda':
+        die('--attn flex trains on CUDA only: FlexAttention has no backward on a CPU in torch 2.13 '
+            '(use --attn dense, sparse or auto)')
+    if attn == 'flex' and dropout:
+        die('--attn flex has no dropout: use --dropout 0 or another --attn')
+    return device
 
 
 def check_out(args):
-    """--out is, or can be made, a folder we can write into: tried with a temporary folder in its
-    deepest existing ancestor, removed again (nothing is left); no file the run will write, nor its
-    temporary twin, exists there as something other than a file."""
-    path = os.path.abspath(args.out)
+    """--out is, or can be made, a folder we can write into: its missing folders are made and a
+    file written in it, then all of that removed again, so that a path too long or a read-only
+    disk is refused before any work; no file the run will write, nor its temporary twin, exists
+    there as something other than a file."""
+    made, path = [], os.path.abspath(args.out)
     while not os.path.lexists(path):
-        path = os.path.dirname(path)
+        made, path = made + [path], os.path.dirname(path)
     try:
-        os.rmdir(tempfile.mkdtemp(dir=path, prefix='.dti-probe-'))
+        for folder in reversed(made):
+            os.mkdir(folder)
+        os.remove(tempfile.mkstemp(dir=args.out, prefix='.dti-probe-')[1])
     except OSError:
         die(f'output folder {args.out} cannot be written')
-    for name in OUTPUTS[args.mode]:
-        for p in (os.path.join(args.out, name), os.path.join(args.out, name + '.tmp')):
-            if os.path.lexists(p) and not os.path.isfile(p):
-                die(f'{p} exists and is not a file; the run would write it')
+    finally:
+        for folder in made:
+            if os.path.isdir(folder):
+                os.rmdir(folder)
+    for p in (os.path.join(args.out, name + tmp) for name in OUTPUTS[args.mode] for tmp in ('', '.tmp')):
+        if os.path.lexists(p) and not os.path.isfile(p):
+            die(f'{p} exists and is not a file; the run would write it')
 
 
-def finite(obj):
-    """obj with every non-finite float made None: JSON has no NaN or Infinity."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {key: finite(v) for key, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
+def lock(folder):
+    """Hold `folder` for this run, so that two runs never write one folder at once: DIR/.lock holds
+    this process's pid; a lock whose process still runs is refused in one line, a stale one (its
+    process gone) is taken over. unlock() releases it when main returns or exits."""
+    path = os.path.join(folder, '.lock')
+    for _ in range(2 * (not RANK)):
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(path, 'x') as f:
+                f.write(str(os.getpid()))
+            return HELD.append(path)
+        except FileExistsError:
+            try:
+                pid = int(open(path).read())
+                os.kill(pid, 0)  # raises if no such process
+            except (OSError, ValueError):
+                os.remove(path)  # stale: its run is gone
+                continue
+            die(f'{folder} is in use by another run (pid {pid}, {path}); wait for it or pass another --out')
+        except OSError as e:
+            die(f'cannot write {path} ({e.strerror})', code=1)
+
+
+def unlock():
+    while HELD:
+        path = HELD.pop()
+        if os.path.exists(path):
+            os.remove(path)
 
 
 def write_json(folder, name, obj):
-    """Atomically: a temporary file, then os.replace. Rank 0 only. Strict JSON: NaN becomes null."""
-    if RANK:
-        return os.path.join(folder, name)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, name + '.tmp')
-    with open(tmp, 'w') as f:
-        json.dump(finite(obj), f, indent=2, allow_nan=False)
-    os.replace(tmp, os.path.join(folder, name))
-    return os.path.join(folder, name)
+    """Atomically (a temporary file, then os.replace) and strictly: a non-finite float is null.
+    Rank 0 only; a failed write is one line (exit 1), the temporary file removed."""
+    finite = lambda o: (o if math.isfinite(o) else None) if isinstance(o, float) else \
+        {k: finite(v) for k, v in o.items()} if isinstance(o, dict) else \
+        [finite(v) for v in o] if isinstance(o, (list, tuple)) else o
+    path = os.path.join(folder, name)
+    try:
+        if not RANK:
+            os.makedirs(folder, exist_ok=True)
+            with open(path + '.tmp', 'w') as f:
+                json.dump(finite(obj), f, indent=2, allow_nan=False)
+            os.replace(path + '.tmp', path)
+    except OSError as e:
+        if os.path.exists(path + '.tmp'):
+            os.remove(path + '.tmp')
+        die(f'cannot write {path} ({e.strerror or e}); stopped', code=1)
+    return path
 
 
 def num(v, spec='.4f'):
@@ -971,33 +1105,6 @@ def print_table(header, rows):
     widths = [max(len(r[j]) for r in [header] + rows) for j in range(len(header))]
     for r in [header] + rows:
         print('  '.join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(r, widths))))
-
-# -----------------------------------------------------------------------------
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_out(args)
-    if args.resume and args.mode not in ('sw', 'dti'):
-        die('--resume continues a --mode sw or dti run')
-    ckpt = load_checkpoint(args) if args.resume else None
-    setup_distributed(args)
-    try:
-        if args.mode == 'bench':
-            return bench(args)
-        if args.mode in ('compare', 'ablation'):
-            return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
-        return train_and_report(args, ckpt)
-    except KeyboardInterrupt:  # Ctrl-C: what is on disk, and how to go on from it
-        path = os.path.join(args.out, 'ckpt.pt')
-        for name in OUTPUTS[args.mode]:
-            if os.path.isfile(os.path.join(args.out, name + '.tmp')) and not RANK:
-                os.remove(os.path.join(args.out, name + '.tmp'))  # half-written
-        die(f'interrupted; rerun with --resume to continue from {path}' if args.mode in ('sw', 'dti') and
-            os.path.isfile(path) else 'interrupted; no checkpoint was written', code=130)
-    finally:
-        if WORLD > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

@@ -5,7 +5,10 @@ The model never sees absolute time: a prompt (SW) or a stream (DTI) arrives as t
 per-token arrays, `block` (the index of the token's block, i.e. its interaction, inside the
 prompt) and `role` (TEXT, SUM, LABEL or PAD). `attention_mask` turns those two arrays into
 who-may-see-whom, and the CTR logit of a block is read at its [SUM] token through the tied
-embeddings of <|yes|> and <|no|>. README "How it works" walks through both.
+embeddings of <|yes|> and <|no|>.
+
+Reading order: attention_mask (the rules), ALiBi, GPT.forward; then sparse_tiles, the fast twin
+of the dense mask that DTI streams train on.
 """
 import math
 from dataclasses import dataclass
@@ -37,36 +40,36 @@ class GPTConfig:
     pos: str = 'alibi'        # 'alibi' (relative) | 'learned' (absolute, nanoGPT's wpe)
     block_size: int = 2048    # longest prompt; only learned positions are bounded by it
     dropout: float = 0.0
-    attn: str = 'sparse'      # 'sparse' (block-sparse tiles) | 'dense' (one SDPA call, the reference) | 'flex' (CUDA)
+    attn: str = 'dense'       # 'dense' (the reference) | 'sparse' (block-sparse tiles) | 'flex' (CUDA)
     tile: int = 32            # query rows per tile of the sparse path
 
 # -----------------------------------------------------------------------------
 # attention masks: boolean algebra over (query, key) index grids
 
 
-def pair_rules(qb, qr, qpos, kb, kr, kpos, n, kind):
+def pair_rules(qb, qr, qi, kb, kr, ki, n, kind):
     """The rules of both masks for query-key pairs, elementwise on tensors that broadcast
-    together: qb/kb are block indices, qr/kr roles, qpos/kpos token positions in the prompt.
+    together: qb/kb are block indices, qr/kr roles, qi/ki token indices in the prompt.
     attention_mask applies them to every pair of a prompt, the sparse path to its tiles,
-    FlexAttention to one pair at a time (its mask_mod)."""
-    self_ = qpos == kpos
+    FlexAttention to one pair at a time."""
+    itself = qi == ki
     readable = (kr != SUM) & (kr != PAD)
     back = qb - kb                                                             # blocks between q and k
     if kind == 'window':
-        allowed = (kpos <= qpos) & (back <= n) & readable
+        allowed = (ki <= qi) & (back <= n) & readable
     elif kind == 'isolated':
-        own_block = (back == 0) & (kpos <= qpos) & readable
-        window = (back >= 1) & (back <= n) & readable                          # blocks i-n .. i-1, text and label
-        allowed = torch.where(qr == SUM, (own_block & (kr == TEXT)) | window, own_block)
+        own_block = (back == 0) & (ki <= qi) & readable
+        context = (back >= 1) & (back <= n) & readable                         # blocks i-n .. i-1
+        allowed = torch.where(qr == SUM, (own_block & (kr == TEXT)) | context, own_block)
     else:
         raise ValueError(f'unknown mask {kind!r}')
-    return torch.where(qr == PAD, self_, allowed | (self_ & (qr == SUM)))
+    return torch.where(qr == PAD, itself, allowed | (itself & (qr == SUM)))
 
 
-def allowed_pairs(qb, qr, qpos, kb, kr, kpos, n, kind):
+def allowed_pairs(qb, qr, qi, kb, kr, ki, n, kind):
     """pair_rules on a grid: queries (..., Q) against keys (..., K) -> (..., Q, K) bool."""
-    return pair_rules(qb[..., :, None], qr[..., :, None], qpos[..., :, None],  # (..., Q, 1)
-                      kb[..., None, :], kr[..., None, :], kpos[..., None, :], n, kind)  # (..., 1, K)
+    return pair_rules(qb[..., :, None], qr[..., :, None], qi[..., :, None],    # (..., Q, 1)
+                      kb[..., None, :], kr[..., None, :], ki[..., None, :], n, kind)  # (..., 1, K)
 
 
 def attention_mask(block, role, n, kind):
@@ -97,8 +100,8 @@ def attention_mask(block, role, n, kind):
     `window` leaks: t1 saw block 0, so S2 reads block 0 through t1's hidden state. `isolated`
     cannot leak: a text or label state depends on its own block only.
     """
-    pos = torch.arange(block.size(1), device=block.device).expand_as(block)   # (B, T)
-    return allowed_pairs(block, role, pos, block, role, pos, n, kind)[:, None]  # (B, 1, T, T)
+    i = torch.arange(block.size(1), device=block.device).expand_as(block)     # (B, T)
+    return allowed_pairs(block, role, i, block, role, i, n, kind)[:, None]     # (B, 1, T, T)
 
 
 def alibi_slopes(n_head):
@@ -106,26 +109,26 @@ def alibi_slopes(n_head):
     return torch.tensor([2.0 ** (-8.0 * (h + 1) / n_head) for h in range(n_head)])
 
 
-def sdpa_mask(allowed, qpos, kpos, slopes=None):
+def sdpa_mask(allowed, qi, ki, slopes=None):
     """Bool (B, ..., Q, K) -> what SDPA takes: (B, 1, ..., Q, K) bool, or with ALiBi slopes (nh,)
     a float mask holding the bias -slope_h * (q - k) where allowed, -inf elsewhere: (B, nh, ..., Q, K)."""
     if slopes is None:
         return allowed[:, None]                                                # (B, 1, ..., Q, K)
-    dist = qpos.to(slopes.dtype)[..., :, None] - kpos.to(slopes.dtype)[..., None, :]  # (B, ..., Q, K)
+    dist = qi.to(slopes.dtype)[..., :, None] - ki.to(slopes.dtype)[..., None, :]  # (B, ..., Q, K)
     bias = -slopes.view(-1, *[1] * (allowed.dim() - 1)) * dist[:, None]        # (B, nh, ..., Q, K)
     return bias.masked_fill_(~allowed[:, None], float('-inf'))                 # (B, nh, ..., Q, K)
 
 # -----------------------------------------------------------------------------
-# block-sparse attention: the masks are block-structured, so compute only what a rule can reach
+# block-sparse attention: the fast twin of the dense mask. The masks are block-structured, so
+# compute only the key ranges a rule can reach. tests/test_sparse.py proves it equal to the dense
+# reference (test_sparse_equals_dense_outputs_and_gradients_exactly: 1e-10 in float64).
 
 
 class Tiles(NamedTuple):
     """One group of query rows of the block-sparse path, cut into tiles of `tile` rows."""
-    rows: torch.Tensor  # (B, tiles*tile) long: the query position in each slot, tile after tile
+    rows: torch.Tensor  # (B, tiles*tile) long: the query index in each slot, tile after tile
     real: torch.Tensor  # (B, tiles*tile) bool: False for filler slots after the group's last row
-    lo: torch.Tensor    # (tiles,) long: first key position a tile reads
-    hi: torch.Tensor    # (tiles,) long: one past its last key position
-    keys: torch.Tensor  # (tiles, K) long: lo, lo+1, .. hi-1, then filler keys (hidden by the mask) up to K
+    keys: torch.Tensor  # (tiles, K) long: the keys each tile reads, its range first, then filler
     mask: torch.Tensor  # (B, nh*tiles, tile, K) SDPA mask: bool, or float with the ALiBi bias
 
 
@@ -144,14 +147,13 @@ def sparse_tiles(block, role, n, kind, n_head, slopes=None, tile=32):
     whose mask row is all True (never a fully masked row) and whose output is thrown away.
 
     Key ranges. Every row q of block b may read keys from the first token of block b - reach up
-    to q itself (causality), so a tile reads the one contiguous range [lo, hi): lo = the first
-    token of the oldest block any real row of the tile may read (in any prompt of the batch), hi =
-    one past its last real row. The first token of block b - reach is found by binary search in
+    to q itself (causality), so a tile reads one contiguous range [lo, hi): lo = the first token
+    of the oldest block any real row of the tile may read (in any prompt of the batch), hi = one
+    past its last real row. The first token of block b - reach is found by binary search in
     `mono`, the block index made non-decreasing by giving PAD tokens a block past every real one.
-    Ranges of one group are padded to the longest (K) with filler keys that the mask hides
-    (positions past hi, clamped to T-1), and the per-pair rules (`allowed_pairs`) remove what a range holds but a row may not
-    read (e.g. text rows of the tile's older blocks, another block's [SUM]). One SDPA call then
-    computes every tile of a group."""
+    Ranges of one group are padded to the longest (K) with filler keys that the mask hides, and
+    the per-pair rules (allowed_pairs) remove what a range holds but a row may not read (text of
+    the tile's older blocks, another block's [SUM]). One SDPA call computes every tile of a group."""
     B, T = block.shape
     mono = torch.where(role == PAD, block.max() + n + 2, block).contiguous()  # (B, T) non-decreasing
     real = role != PAD
@@ -163,21 +165,21 @@ def sparse_tiles(block, role, n, kind, n_head, slopes=None, tile=32):
         if n_tiles == 0:
             continue
         order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)      # (B, T) the group's rows first
-        qp = F.pad(order, (0, max(0, n_tiles * tile - T)))[:, :n_tiles * tile]   # (B, tiles*tile)
+        qi = F.pad(order, (0, max(0, n_tiles * tile - T)))[:, :n_tiles * tile]   # (B, tiles*tile)
         ok = torch.arange(n_tiles * tile, device=block.device) < count[:, None]  # (B, tiles*tile) real slots
-        qp, ok = qp.view(B, n_tiles, tile), ok.view(B, n_tiles, tile)          # (B, tiles, tile)
-        qb, qr = block.gather(1, qp.flatten(1)).view_as(qp), role.gather(1, qp.flatten(1)).view_as(qp)
-        first = torch.searchsorted(mono, (qb - reach).flatten(1)).view_as(qp)  # (B, tiles, tile) oldest key
+        qi, ok = qi.view(B, n_tiles, tile), ok.view(B, n_tiles, tile)          # (B, tiles, tile)
+        qb, qr = block.gather(1, qi.flatten(1)).view_as(qi), role.gather(1, qi.flatten(1)).view_as(qi)
+        first = torch.searchsorted(mono, (qb - reach).flatten(1)).view_as(qi)  # (B, tiles, tile) oldest key
         lo = torch.where(ok, first, T).amin(dim=(0, 2))                        # (tiles,)
-        hi = torch.where(ok, qp + 1, 0).amax(dim=(0, 2))                       # (tiles,)
-        kp = lo[:, None] + torch.arange(int((hi - lo).max()), device=block.device)  # (tiles, K)
-        in_range = kp < hi[:, None]                                            # (tiles, K)
-        kp = kp.clamp(max=T - 1)
-        allowed = allowed_pairs(qb, qr, qp, block[:, kp], role[:, kp], kp.expand(B, -1, -1), n, kind)
+        hi = torch.where(ok, qi + 1, 0).amax(dim=(0, 2))                       # (tiles,)
+        ki = lo[:, None] + torch.arange(int((hi - lo).max()), device=block.device)  # (tiles, K)
+        in_range = ki < hi[:, None]                                            # (tiles, K)
+        ki = ki.clamp(max=T - 1)
+        allowed = allowed_pairs(qb, qr, qi, block[:, ki], role[:, ki], ki.expand(B, -1, -1), n, kind)
         allowed = (allowed & in_range[:, None, :]) | ~ok[..., None]  # filler rows see all, then are dropped
-        mask = sdpa_mask(allowed, qp, kp, slopes)                              # (B, 1|nh, tiles, tile, K)
+        mask = sdpa_mask(allowed, qi, ki, slopes)                              # (B, 1|nh, tiles, tile, K)
         mask = mask.expand(B, n_head, *mask.shape[2:]).reshape(B, n_head * n_tiles, tile, -1)
-        tiles.append(Tiles(qp.flatten(1), ok.flatten(1), lo, hi, kp, mask))
+        tiles.append(Tiles(qi.flatten(1).contiguous(), ok.flatten(1), ki, mask))
     return tiles
 
 
@@ -200,56 +202,19 @@ def sparse_attention(q, k, v, tiles, dropout_p=0.0):
     return y[:, :, :T]                                                         # (B, nh, T, hs)
 
 
-# -----------------------------------------------------------------------------
-# FlexAttention (the CUDA path): the same rules as a mask_mod, ALiBi as a score_mod
-
-
-def flex_block_mask(block, role, n, kind, block_size=128):
-    """The masks of a batch ((B, T) block and role) as a FlexAttention BlockMask: mask_mod states
-    pair_rules for one (query, key) pair, and the BlockMask records which block_size x block_size
-    tiles of the (T, T) grid hold any allowed pair, so that only those are computed. Built once
-    per batch and shared by every layer."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    B, T = block.shape
-
-    def mask_mod(b, h, q, k):
-        return pair_rules(block[b, q], role[b, q], q, block[b, k], role[b, k], k, n, kind)
-    return create_block_mask(mask_mod, B, None, T, T, device=block.device, BLOCK_SIZE=block_size)
-
-
-@cache
-def compiled_flex_attention():
-    """FlexAttention compiled into one fused kernel; compiled once per process (CUDA)."""
-    from torch.nn.attention.flex_attention import flex_attention
-    return torch.compile(flex_attention)
-
-
 def flex_attention(q, k, v, block_mask, slopes=None, dropout_p=0.0):
-    """FlexAttention over a flex_block_mask, with ALiBi (slopes (nh,)) as a score_mod adding
-    -slope_h * (q - k): (B, nh, T, hs) like the dense call. Compiled on CUDA; elsewhere the eager
-    reference runs, which torch 2.13 supports for inference only (no backward on a CPU). It has
-    no dropout."""
+    """FlexAttention (the CUDA path; tests/test_sparse.py::test_flex_equals_dense_in_eval_within_1e5):
+    the masks' pair_rules as the BlockMask's mask_mod (built in GPT.attention_plan), ALiBi as a
+    score_mod adding -slope_h * (q - k). Compiled into one fused kernel on CUDA; elsewhere the eager
+    reference runs, which torch 2.13 supports for inference only. It has no dropout."""
     from torch.nn.attention import flex_attention as fa
-    if dropout_p:
-        raise ValueError('FlexAttention has no dropout')
+    assert not dropout_p, 'FlexAttention has no dropout'
     score_mod = None if slopes is None else (lambda score, b, h, qi, ki: score - slopes[h] * (qi - ki))
-    run = compiled_flex_attention() if q.device.type == 'cuda' else fa.flex_attention
-    return run(q, k, v, score_mod=score_mod, block_mask=block_mask)                # (B, nh, T, hs)
+    run = compiled(fa.flex_attention) if q.device.type == 'cuda' else fa.flex_attention
+    return run(q, k, v, score_mod=score_mod, block_mask=block_mask)            # (B, nh, T, hs)
 
 
-def to_device(x, device):
-    """A batch or an attention plan (tensors, Tiles, a BlockMask, or dicts and lists of them) on
-    `device`; from the CPU to CUDA through pinned memory, without waiting for the copy."""
-    if isinstance(x, torch.Tensor):
-        cuda = torch.device(device).type == 'cuda' and x.device.type == 'cpu'
-        return (x.pin_memory() if cuda else x).to(device, non_blocking=True)
-    if isinstance(x, Tiles):
-        return Tiles(*(to_device(t, device) for t in x))
-    if isinstance(x, dict):
-        return {key: to_device(v, device) for key, v in x.items()}
-    if isinstance(x, list):
-        return [to_device(v, device) for v in x]
-    return x.to(device)  # a BlockMask
+compiled = cache(torch.compile)  # one compiled kernel per function and process
 
 # -----------------------------------------------------------------------------
 # analytic cost
@@ -346,25 +311,31 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
+    def slopes(self, device):
+        """ALiBi's slopes in the model's float type, or None with learned positions."""
+        dtype = self.transformer.wte.weight.dtype
+        return alibi_slopes(self.config.n_head).to(device, dtype) if self.config.pos == 'alibi' else None
+
     def attention_plan(self, block, role):
         """Who sees whom in a batch ((B, T) block and role), worked out once for all layers: the
-        sparse path's tiles, the dense SDPA mask, or the FlexAttention BlockMask (config.attn).
-        It is the one part of a step whose shapes depend on the data (sparse_tiles counts rows),
-        so the trainer builds it on the host before the step, and the step itself has no
-        data-dependent control flow."""
+        dense SDPA mask, the sparse path's tiles, or FlexAttention's BlockMask (config.attn). It
+        is the one part of a step whose shapes depend on the data, so the trainer builds it
+        before the step, and the step itself has no data-dependent control flow."""
         cfg = self.config
-        dtype = self.transformer.wte.weight.dtype                              # the model's float type
-        slopes = alibi_slopes(cfg.n_head).to(block.device, dtype) if cfg.pos == 'alibi' else None
         if cfg.attn == 'sparse':
-            return sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, slopes, cfg.tile)
+            return sparse_tiles(block, role, cfg.n, cfg.mask, cfg.n_head, self.slopes(block.device), cfg.tile)
         if cfg.attn == 'flex':
-            return flex_block_mask(block, role, cfg.n, cfg.mask)
-        pos = torch.arange(block.size(1), device=block.device).expand_as(block)  # (B, T)
-        return sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], pos, pos, slopes)  # (B, 1|nh, T, T)
+            from torch.nn.attention.flex_attention import create_block_mask
+            B, T = block.shape
+            rule = lambda b, h, q, k: pair_rules(block[b, q], role[b, q], q, block[b, k], role[b, k], k, cfg.n, cfg.mask)
+            return create_block_mask(rule, B, None, T, T, device=block.device)
+        i = torch.arange(block.size(1), device=block.device).expand_as(block)  # (B, T)
+        return sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], i, i, self.slopes(block.device))
 
     def forward(self, idx, block, role, plan=None):
         """(B, T) token ids, block indices and roles -> (B, T) CTR logits, meaningful at [SUM].
-        `plan` is attention_plan(block, role), built here when not given."""
+        `plan` is attention_plan(block, role), built here when not given. Attention is the dense
+        reference (one SDPA call with attention_mask), its fast twin over sparse_tiles, or flex."""
         B, T = idx.size()
         cfg = self.config
         # one lookup for the tokens and the read-out rows <|yes|>, <|no|>: two lookups would build
@@ -377,16 +348,10 @@ class GPT(nn.Module):
                 raise ValueError(f'prompt of {T} tokens is longer than block_size={cfg.block_size}')
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         x = self.transformer.drop(x)
-        # attend(q, k, v, dropout_p): attention over the plan's tiles, with its dense mask, or
-        # FlexAttention over its BlockMask with ALiBi as a score_mod
         plan = self.attention_plan(block, role) if plan is None else plan
-        if cfg.attn == 'sparse':
-            attend = partial(sparse_attention, tiles=plan)
-        elif cfg.attn == 'flex':
-            slopes = alibi_slopes(cfg.n_head).to(x.device, x.dtype) if cfg.pos == 'alibi' else None
-            attend = partial(flex_attention, block_mask=plan, slopes=slopes)
-        else:
-            attend = partial(F.scaled_dot_product_attention, attn_mask=plan)
+        attend = (partial(sparse_attention, tiles=plan) if cfg.attn == 'sparse' else
+                  partial(flex_attention, block_mask=plan, slopes=self.slopes(x.device)) if cfg.attn == 'flex' else
+                  partial(F.scaled_dot_product_attention, attn_mask=plan))   # attend(q, k, v, dropout_p)
         with sdpa_kernel(SDPA_BACKENDS):
             for layer in self.transformer.h:  # a transformer Block (GPT-2's name), not a block of tokens
                 x = layer(x, attend)                                           # (B, T, C)

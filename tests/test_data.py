@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 import torch
 
 import data
-from conftest import as_lists, random_history
+from conftest import as_lists, dti_streams, from_histories, random_history, sw_prompts
 from data import LABEL, PAD, SUM, TEXT
 
 
@@ -53,7 +53,7 @@ def blocks_of(prompt):
 def test_block_layout_and_sw_prompts(rng):
     history = random_history(rng, 9)
     n = 3
-    prompts = data.sw_prompts(history, n)
+    prompts = sw_prompts(history, n)
     assert len(prompts) == len(history) - n
     for i, p in zip(range(n, len(history)), prompts):
         assert np.all(np.diff(p['block']) >= 0)
@@ -65,8 +65,8 @@ def test_block_layout_and_sw_prompts(rng):
 @pytest.mark.parametrize('n,k,m', [(3, 4, 3), (3, 4, 4), (3, 4, 11), (3, 4, 15), (1, 1, 6), (5, 50, 40), (2, 7, 9)])
 def test_dti_streams_cover_every_target_once_in_sw_order(n, k, m, rng):
     history = random_history(rng, m)
-    streams = data.dti_streams(history, n, k)
-    sw = data.sw_prompts(history, n)
+    streams = dti_streams(history, n, k)
+    sw = sw_prompts(history, n)
     assert len(streams) == -(-max(m - n, 0) // k)
     sw_targets = [blocks_of(p)[-1] for p in sw]
     dti_targets = []
@@ -76,25 +76,25 @@ def test_dti_streams_cover_every_target_once_in_sw_order(n, k, m, rng):
         assert 1 <= len(blocks) - n <= k
         dti_targets += blocks[n:]
     assert dti_targets == sw_targets
-    assert data.targets_of(streams) == data.targets_of(sw) == max(m - n, 0)
+    assert sum((p['label'] >= 0).sum() for p in streams) == sum((p['label'] >= 0).sum() for p in sw) == max(m - n, 0)
 
 
 def test_collate_pads_right(rng):
-    prompts = data.sw_prompts(random_history(rng, 5), 2) + data.dti_streams(random_history(rng, 12), 2, 10)
-    b = data.collate(prompts)
-    T = max(len(p['idx']) for p in prompts)
-    assert all(v.shape == (len(prompts), T) for v in b.values())
-    for row, p in enumerate(prompts):
-        L = len(p['idx'])
-        for key in ('idx', 'block', 'role', 'label'):
-            assert b[key][row, :L].tolist() == p[key].tolist()
+    """A batch of SW prompts and streams of two users: each row is its prompt's arrays, then FILL."""
+    ds = from_histories([random_history(rng, 5), random_history(rng, 12)])
+    prompts = np.concatenate([data.sw_prompts(np.array([[0, 5]]), 2), data.dti_streams(np.array([[5, 17]]), 2, 10)])
+    b = data.collate(ds, prompts, multiple=8)
+    lengths = data.prompt_tokens(ds, prompts)
+    assert all(v.shape == (len(prompts), 8 * -(-lengths.max() // 8)) for v in b.values())
+    for row, (L, (first, end, _)) in enumerate(zip(lengths, prompts)):
+        assert (b['role'][row, :L] != PAD).all() and b['block'][row, L - 1] == end - first - 1
         assert (b['idx'][row, L:] == data.PAD_ID).all() and (b['role'][row, L:] == PAD).all()
         assert (b['label'][row, L:] == -1).all() and (b['block'][row, L:] == -1).all()
 
 
 def test_segments_give_each_split_its_targets_with_full_windows():
     first = [([i], i % 2) for i in range(10)]                      # user 0: blocks 0 .. 9
-    ds = data.from_histories([[([99], 1)] * 3, first], [[0, 0, 0], [0] * 6 + [1] * 2 + [2] * 2],
+    ds = from_histories([[([99], 1)] * 3, first], [[0, 0, 0], [0] * 6 + [1] * 2 + [2] * 2],
                              [np.full(3, np.nan), np.arange(10) / 10])  # user 1 (3 blocks) comes first
     n = 4
     runs, prob = data.segments(ds, 0, n)  # user 1 has no train target with 4 predecessors
@@ -159,48 +159,63 @@ def test_synthetic_is_learnable_split_by_time_and_canaries_plant_what_they_say(s
 
 
 # -----------------------------------------------------------------------------
-# the columnar path: references into flat arrays give the prompts of the list-of-blocks definitions
+# prompts from the columns: references into the flat arrays give the block layout, token for token
+
+
+def expected_prompt(blocks, first_target):
+    """The block layout in words: each block its text ids, [SUM], then its label token; the [SUM] of
+    a block from first_target on carries its label, every other token -1."""
+    out = dict(idx=[], block=[], role=[], label=[])
+    for b, (text, y) in enumerate(blocks):
+        out['idx'] += list(text) + [data.SUM_ID, data.YES_ID if y else data.NO_ID]
+        out['block'] += [b] * (len(text) + 2)
+        out['role'] += [TEXT] * len(text) + [SUM, LABEL]
+        out['label'] += [-1] * len(text) + [y if b >= first_target else -1, -1]
+    return out
 
 
 @settings(max_examples=150, deadline=None)
 @given(st.fixed_dictionaries(dict(
     lengths=st.lists(st.integers(1, 14), min_size=1, max_size=5), n=st.integers(1, 4), k=st.integers(1, 6),
     max_text=st.integers(0, 5), split=st.integers(0, 2), seed=st.integers(0, 2**16))))
-def test_columnar_prompts_equal_the_list_of_blocks_prompts_token_for_token(layout):
+def test_prompts_from_columns_are_the_block_layout_token_for_token(layout):
     """Users of random lengths and text lengths (empty texts too), random splits: for every
-    split, SW and DTI, collate_refs of the references gives exactly collate() of sw_prompts /
-    dti_streams over the same runs, padding included, and ref_labels their target labels."""
+    split, SW and DTI, data.collate of the prompts gives exactly the block layout of the blocks
+    each prompt names, padding after; the SW prompts are one per target, the streams k targets
+    each, both with n blocks of context; prompt_tokens and target_labels agree."""
     rng = np.random.default_rng(layout['seed'])
     n, k = layout['n'], layout['k']
     users = [[(rng.integers(0, 1000, rng.integers(0, layout['max_text'] + 1)).tolist(), int(rng.integers(0, 2)))
               for _ in range(m)] for m in layout['lengths']]
-    splits = [np.sort(rng.integers(0, 3, len(u))) for u in users]
-    ds = data.from_histories(users, splits)
-    assert all(data.history(ds, u) == users[u] for u in range(len(users)))
+    ds = from_histories(users, [np.sort(rng.integers(0, 3, len(u))) for u in users])
+    flat = [block for u in users for block in u]
     runs, _ = data.segments(ds, layout['split'], n)
-    blocks = {u: users[u] for u in range(len(users))}
-    user_of = lambda a: int(np.searchsorted(ds['user_start'], a, side='right') - 1)
-    as_lists = [blocks[user_of(a)][a - ds['user_start'][user_of(a)]:b - ds['user_start'][user_of(a)]] for a, b in runs]
-    for refs, prompts in ((data.sw_refs(runs, n), [p for r in as_lists for p in data.sw_prompts(r, n)]),
-                          (data.dti_refs(runs, n, k), [p for r in as_lists for p in data.dti_streams(r, n, k)])):
-        assert len(refs) == len(prompts)
-        if not prompts:
+    for prompts, per_prompt in ((data.sw_prompts(runs, n), 1), (data.dti_streams(runs, n, k), k)):
+        if not len(prompts):
             continue
-        got, want = data.collate_refs(ds, refs), data.collate(prompts)
-        for key in want:
-            assert torch.equal(got[key], want[key]), key
-        assert data.ref_tokens(ds, refs).tolist() == [len(p['idx']) for p in prompts]
-        assert data.ref_labels(ds, refs).tolist() == [int(y) for p in prompts for y in p['label'][p['label'] >= 0]]
+        b = data.collate(ds, prompts)
+        for row, (first, end, first_target) in enumerate(prompts):
+            assert first_target - first == n and 1 <= end - first_target <= per_prompt
+            want = expected_prompt(flat[first:end], first_target - first)
+            L = len(want['idx'])
+            for key in want:
+                assert b[key][row, :L].tolist() == want[key], key
+                assert (b[key][row, L:] == data.FILL[key]).all(), key
+        assert data.prompt_tokens(ds, prompts).tolist() == (b['role'] != PAD).sum(1).tolist()
+        assert data.target_labels(ds, prompts).tolist() == b['label'][b['label'] >= 0].tolist()
+    targets = data.target_blocks(data.sw_prompts(runs, n))
+    assert targets.tolist() == data.target_blocks(data.dti_streams(runs, n, k)).tolist()  # same targets, same order
+    assert set(targets.tolist()) == {t for a, b in runs for t in range(a + n, b)}
 
 
 def test_a_generated_data_set_is_its_own_histories():
     """synthetic() builds its columns in one go; from_histories of its per-user lists gives them back."""
     ds = data.synthetic(n_users=30, n=5, canary='far')
     users, splits, probs, items = as_lists(ds)
-    again = data.from_histories(users, splits, probs, items, ds['name'])
+    again = from_histories(users, splits, probs, items, ds['name'])
     for key in ('tokens', 'token_start', 'label', 'item', 'split', 'prob', 'user_start'):
-        assert np.array_equal(ds[key], again[key]), key
-    assert ds['tokens'].dtype == np.int32 and ds['label'].dtype == np.int8
+        assert np.array_equal(ds[key], again[key], equal_nan=key == 'prob'), key
+    assert ds['tokens'].dtype == np.int32 and ds['label'].dtype == np.int8 and data.fingerprint(ds) == data.fingerprint(again)
 
 
 def test_preparing_sw_prompts_takes_memory_that_does_not_grow_with_n():
@@ -211,11 +226,27 @@ def test_preparing_sw_prompts_takes_memory_that_does_not_grow_with_n():
 
     def peak(n):
         tracemalloc.start()
-        units = dti_minimal.train_units(ds, n, 50)
-        refs = dti_minimal.unit_prompts(units, 'sw', n)
+        refs = dti_minimal.split_prompts(ds, 0, 'sw', n, 50)[0]
         size = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         return size, len(refs)
     (small, targets_small), (large, targets_large) = peak(5), peak(40)
     assert targets_large > 0.5 * targets_small
     assert large < 1.5 * small and large < 200 * targets_small  # bytes; a token array per prompt would be ~8x
+
+
+def test_the_fingerprint_tells_data_sets_apart():
+    a = data.synthetic(n_users=30, n=5)
+    assert data.fingerprint(a) == data.fingerprint(data.synthetic(n_users=30, n=5))
+    assert data.fingerprint(a) != data.fingerprint(data.synthetic(n_users=30, n=5, seed=1))
+    b = dict(a, label=a['label'].copy())
+    b['label'][17] ^= 1
+    assert data.fingerprint(a) != data.fingerprint(b)
+
+
+def test_item_texts_are_cut_to_a_bound_and_counted():
+    long = 'Very ' * 5000 + '| Drama'
+    ds = data.build_dataset('t', ['Short | Drama', long], np.array([0, 1, 1]), [1, 0, 1], [1, 2, 2], [0, 0, 0],
+                            [np.nan] * 3, [3])
+    assert np.diff(ds['token_start']).tolist() == [len(data.encode_text('Short | Drama')), 64, 64]
+    assert ds['cut'] == 1 and '(1 item texts cut to 64 tokens)' in data.describe(ds, 1)

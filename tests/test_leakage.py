@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import data
-from conftest import DEVICES, random_history, small_model, target_logits
+from conftest import DEVICES, dti_streams, pad, random_history, small_model, sw_prompts, target_logits
 from data import PAD, SUM
 from model import ctr_loss
 
@@ -19,7 +19,7 @@ def sum_positions(prompt):
 
 
 def logit_at(model, prompt, q):
-    b = data.collate([prompt])
+    b = pad([prompt])
     with torch.no_grad():
         return float(model(b['idx'], b['block'], b['role'])[0, q])
 
@@ -38,8 +38,8 @@ def perturbed(prompt, positions, rng):
 @pytest.mark.parametrize('mask,pos', MASKS_AND_POSITIONS)
 def test_no_nan_anywhere_padding_included(mask, pos, rng):
     model = small_model(n=3, mask=mask, pos=pos, n_layer=2).train()
-    prompts = data.dti_streams(random_history(rng, 14), 3, 4) + data.sw_prompts(random_history(rng, 6), 3)
-    b = data.collate(prompts)
+    prompts = dti_streams(random_history(rng, 14), 3, 4) + sw_prompts(random_history(rng, 6), 3)
+    b = pad(prompts)
     assert (b['role'] == PAD).any()
     logits = model(b['idx'], b['block'], b['role'])
     assert torch.isfinite(logits).all()
@@ -52,7 +52,7 @@ def test_no_nan_anywhere_padding_included(mask, pos, rng):
 def test_no_future_leakage(mask, pos, n_layer, rng):
     """Changing anything after a target's [SUM], its own label included, leaves its logit alone."""
     model = small_model(n=2, mask=mask, pos=pos, n_layer=n_layer)
-    stream = data.dti_streams(random_history(rng, 9), 2, 7)[0]
+    stream = dti_streams(random_history(rng, 9), 2, 7)[0]
     own_text_moves = []
     for q in sum_positions(stream):
         after = range(q + 1, len(stream['idx']))
@@ -73,7 +73,7 @@ def older_than_window(prompt, q, n):
 def test_isolated_never_sees_past_the_window(pos, n_layer, rng):
     n = 2
     model = small_model(n=n, mask='isolated', pos=pos, n_layer=n_layer)
-    stream = data.dti_streams(random_history(rng, 12), n, 10)[0]
+    stream = dti_streams(random_history(rng, 12), n, 10)[0]
     checked = 0
     for q in sum_positions(stream):
         old = older_than_window(stream, q, n)
@@ -94,7 +94,7 @@ def max_change_past_window(model, stream, n, rng):
 @pytest.mark.parametrize('pos', ['alibi', 'learned'])
 def test_window_leaks_through_hidden_states_from_two_layers_on(pos, rng):
     n = 2
-    stream = data.dti_streams(random_history(rng, 12), n, 10)[0]
+    stream = dti_streams(random_history(rng, 12), n, 10)[0]
     one = max_change_past_window(small_model(n=n, mask='window', pos=pos, n_layer=1), stream, n, rng)
     assert one < 1e-6, 'with one layer the window mask is exactly the sliding window'
     for n_layer in (2, 3, 4):
@@ -103,8 +103,8 @@ def test_window_leaks_through_hidden_states_from_two_layers_on(pos, rng):
 
 
 def sw_and_dti_logits(model, history, n, k):
-    sw = target_logits(model, data.sw_prompts(history, n))
-    dti = target_logits(model, data.dti_streams(history, n, k))
+    sw = target_logits(model, sw_prompts(history, n))
+    dti = target_logits(model, dti_streams(history, n, k))
     assert sw.shape == dti.shape == (len(history) - n,)
     return sw, dti
 
@@ -137,7 +137,7 @@ def test_dti_differs_from_sw_with_learned_positions(rng):
 
 def test_only_target_sums_carry_loss_and_gradient(rng):
     model = small_model(n=2, mask='window', n_layer=2).train()
-    b = data.collate(data.dti_streams(random_history(rng, 11), 2, 4))
+    b = pad(dti_streams(random_history(rng, 11), 2, 4))
     logits = model(b['idx'], b['block'], b['role'])
     logits.retain_grad()
     loss = ctr_loss(logits, b['label'])

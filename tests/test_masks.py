@@ -8,6 +8,7 @@ from hypothesis import given, settings, strategies as st
 import data
 import model
 from data import LABEL, PAD, SUM, TEXT
+from conftest import dti_streams, pad, prompt_arrays, from_histories, sw_prompts
 from model import attention_mask
 
 
@@ -44,10 +45,11 @@ def random_batch(m, n, k, seed, max_text, mode):
     histories = [[(rng.integers(0, 1000, rng.integers(1, max_text + 1)).tolist(), int(rng.integers(0, 2)))
                   for _ in range(m + int(rng.integers(0, 4)))] for _ in range(2)]
     prompts = [p for h in histories
-               for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
+               for p in (sw_prompts(h, n) if mode == 'sw' else dti_streams(h, n, k))]
     if not prompts:  # too short for any target: the whole history as one prompt of context
-        prompts = [data._flatten(histories[0], first_target=len(histories[0]))]
-    return data.collate(prompts)
+        m = len(histories[0])
+        prompts = prompt_arrays(from_histories(histories[:1]), np.array([[0, m, m]]))
+    return pad(prompts)
 
 
 @settings(max_examples=200, deadline=None)

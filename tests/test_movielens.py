@@ -65,7 +65,7 @@ def write(folder, fmt, rows, items=ITEMS):
 
 def texts(ds, user):
     enc = data.get_tokenizer()
-    return [enc.decode(ids) for ids, _ in data.history(ds, user)]
+    return [enc.decode(ids) for ids, _ in data.user_blocks(ds, user)]
 
 
 def same(a, b):

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 
 import data
 import model
-from conftest import DEVICES, random_history, small_model
+from conftest import DEVICES, dti_streams, pad, random_history, small_model, sw_prompts
 
 
 def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, seed, dtype, std, device='cpu'):
@@ -16,10 +16,11 @@ def sparse_and_dense_runs(n, k, m, max_text, mask, pos, n_layer, tile, mode, see
     same weights, same padded batch of SW prompts or DTI streams, on `device`."""
     rng = np.random.default_rng(seed)
     histories = [random_history(rng, n + m, max_text), random_history(rng, n + max(1, m // 3), max_text)]
-    prompts = [p for h in histories for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
+    prompts = [p for h in histories for p in (sw_prompts(h, n) if mode == 'sw' else dti_streams(h, n, k))]
     prompts = [prompts[i] for i in rng.permutation(len(prompts))[:6]]
-    b = {key: v.to(device) for key, v in data.collate(prompts).items()}
-    sparse = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed, std=std).to(device, dtype).train()
+    b = {key: v.to(device) for key, v in pad(prompts).items()}
+    sparse = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed, std=std, attn='sparse')
+    sparse = sparse.to(device, dtype).train()
     sparse.config.tile = tile
     dense = copy.deepcopy(sparse)
     dense.config.attn = 'dense'
@@ -72,22 +73,23 @@ def test_sparse_equals_dense_within_1e5_in_fp32(seed, device):
 def test_every_tile_range_is_tight_and_covers_its_rows(n, k, m, mask, tile, seed):
     """No computed key range holds a key column that is masked for every row of its tile at
     either end, every allowed key of every row lies inside its tile's range, the tile masks are
-    the dense mask's rows, and every real row is computed exactly once."""
+    the dense mask's rows, and every real row is computed exactly once. A tile's range [lo, hi)
+    is its first key and one past its last real row."""
     rng = np.random.default_rng(seed)
-    b = data.collate(data.dti_streams(random_history(rng, n + m), n, k) + data.sw_prompts(random_history(rng, n + 2), n))
+    b = pad(dti_streams(random_history(rng, n + m), n, k) + sw_prompts(random_history(rng, n + 2), n))
     B = len(b['idx'])
     full = model.attention_mask(b['block'], b['role'], n, mask)[:, 0]          # (B, T, T)
     covered = torch.zeros_like(b['role'])
     for g in model.sparse_tiles(b['block'], b['role'], n, mask, 2, tile=tile):
-        for t in range(len(g.lo)):
+        for t in range(len(g.keys)):
             q_t, ok_t = g.rows[:, t * tile:(t + 1) * tile], g.real[:, t * tile:(t + 1) * tile]   # (B, tile)
             rows = full[torch.arange(B)[:, None], q_t] & ok_t[:, :, None]     # (B, tile, T)
-            lo_t, hi_t = int(g.lo[t]), int(g.hi[t])
+            lo_t, hi_t = int(g.keys[t, 0]), int(q_t[ok_t].max()) + 1
             assert rows[:, :, lo_t].any() and rows[:, :, hi_t - 1].any()      # tight at both ends
             assert not rows[:, :, :lo_t].any() and not rows[:, :, hi_t:].any()  # nothing allowed left out
             K = hi_t - lo_t
             assert torch.equal(g.keys[t, :K], torch.arange(lo_t, hi_t))
-            tile_mask = g.mask.view(B, 2, len(g.lo), tile, -1)[:, 0, t]         # (B, tile, K) head 0
+            tile_mask = g.mask.view(B, 2, len(g.keys), tile, -1)[:, 0, t]         # (B, tile, K) head 0
             assert torch.equal(tile_mask[:, :, :K] & ok_t[:, :, None], rows[:, :, lo_t:hi_t])
             assert not (tile_mask[:, :, K:] & ok_t[:, :, None]).any()          # padding keys never seen
         covered.index_put_((torch.arange(B)[:, None].expand_as(g.rows)[g.real], g.rows[g.real]), torch.tensor(1),
@@ -110,8 +112,8 @@ def test_flex_equals_dense_in_eval_within_1e5(n, k, m, max_text, mask, pos, n_la
     (FlexAttention has no backward on a CPU in torch 2.13; on CUDA it trains)."""
     rng = np.random.default_rng(seed)
     histories = [random_history(rng, n + m, max_text), random_history(rng, n + max(1, m // 3), max_text)]
-    prompts = [p for h in histories for p in (data.sw_prompts(h, n) if mode == 'sw' else data.dti_streams(h, n, k))]
-    b = data.collate([prompts[i] for i in rng.permutation(len(prompts))[:6]])
+    prompts = [p for h in histories for p in (sw_prompts(h, n) if mode == 'sw' else dti_streams(h, n, k))]
+    b = pad([prompts[i] for i in rng.permutation(len(prompts))[:6]])
     net = small_model(n=n, mask=mask, pos=pos, n_layer=n_layer, seed=seed, std=0.1)
     logits = {}
     with torch.no_grad():
@@ -125,9 +127,10 @@ def test_flex_equals_dense_in_eval_within_1e5(n, k, m, max_text, mask, pos, n_la
 def test_flex_block_mask_holds_exactly_the_masks_pairs():
     """The BlockMask's mask_mod, evaluated on every pair, is attention_mask: the same rules."""
     rng = np.random.default_rng(1)
-    b = data.collate(data.dti_streams(random_history(rng, 30, 9), 3, 5) + data.sw_prompts(random_history(rng, 6), 3))
+    b = pad(dti_streams(random_history(rng, 30, 9), 3, 5) + sw_prompts(random_history(rng, 6), 3))
     for kind in ('window', 'isolated'):
-        bm = model.flex_block_mask(b['block'], b['role'], 3, kind, block_size=16)
+        net = small_model(n=3, mask=kind, attn='flex')
+        bm = net.attention_plan(b['block'], b['role'])
         B, T = b['block'].shape
         q, k = torch.arange(T)[:, None], torch.arange(T)[None, :]
         dense = torch.stack([bm.mask_mod(torch.tensor(i), torch.tensor(0), q, k) for i in range(B)])  # (B, T, T)
@@ -139,8 +142,8 @@ def test_a_training_step_compiles_whole_with_a_precomputed_plan():
     backward compile as one graph: torch.compile(fullgraph=True) raises at any graph break. The
     compiled step gives the eager loss and gradients."""
     rng = np.random.default_rng(0)
-    b = data.collate(data.dti_streams(random_history(rng, 24, 7), 3, 5) + data.sw_prompts(random_history(rng, 9), 3))
-    net = small_model(n=3, std=0.1).train()  # the sparse path
+    b = pad(dti_streams(random_history(rng, 24, 7), 3, 5) + sw_prompts(random_history(rng, 9), 3))
+    net = small_model(n=3, std=0.1, attn='sparse').train()
     plan = net.attention_plan(b['block'], b['role'])
 
     def step(idx, block, role, label, plan):

@@ -7,7 +7,7 @@ import torch
 
 import data
 import dti_minimal
-from conftest import TINY
+from conftest import TINY, from_histories
 from model import GPT, GPTConfig, ctr_loss
 
 KEYS = ['mode', 'dataset', 'n', 'k', 'mask', 'pos', 'n_layer', 'n_head', 'n_embd', 'seed', 'targets_trained',
@@ -20,7 +20,7 @@ def test_end_to_end_run_writes_results(mode, tmp_path):
     res = dti_minimal.main(TINY + ['--mode', mode, '--out', str(tmp_path)])
     saved = json.loads((tmp_path / 'results.json').read_text())
     assert set(KEYS) <= set(saved) and saved == json.loads(json.dumps(res))
-    assert saved['mode'] == mode and saved['args']['k'] == saved['k'] == 10 and saved['n'] == 5
+    assert saved['mode'] == mode and saved['args']['ks'] == [saved['k']] == [10] and saved['n'] == 5
     assert saved['targets_trained'] > 500 and saved['time_per_target_ms'] > 0
     assert 0.5 < saved['bayes_auc'] < 1 and 0 <= saved['test_auc'] <= 1
     assert not list(tmp_path.glob('*.tmp'))
@@ -31,18 +31,17 @@ def test_training_reduces_the_loss():
     on both attention paths; the bar, a drop of 0.1, is half of that."""
     args = dti_minimal.parse_args(TINY + ['--epochs', '3'])
     ds = dti_minimal.load_dataset(args)
-    units = dti_minimal.train_units(ds, args.n, args.k)
-    torch.manual_seed(0)
-    model = dti_minimal.build_model(args)
-    b = data.collate_refs(ds, units)
+    units = dti_minimal.split_prompts(ds, 0, 'dti', args.n, 10)[0]
+    model = dti_minimal.build_model(args, 'dti', 0)
+    b = data.collate(ds, units)
 
     def loss():
         with torch.no_grad():
             return ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).item()
     before = loss()
-    trained, seconds, records = dti_minimal.train(model, ds, units, 'dti', args)
-    assert trained == 3 * int((b['label'] >= 0).sum()) == sum(r.targets for r in records)
-    assert seconds > 0 and len(records) > 10
+    records = dti_minimal.train(model, ds, units, 'dti', args, seed=0)
+    assert sum(r.targets for r in records) == 3 * int((b['label'] >= 0).sum())
+    assert all(r.seconds > 0 for r in records) and len(records) > 10
     assert loss() < before - 0.1, (before, loss())
 
 
@@ -50,20 +49,20 @@ def test_sw_and_dti_evaluation_agree_under_isolated_alibi():
     """--eval-mode dti scores the same targets with the same logits as the default SW evaluation."""
     args = dti_minimal.parse_args(TINY)
     ds = dti_minimal.load_dataset(args)
-    model = dti_minimal.build_model(args)
-    sw, p_sw = dti_minimal.make_prompts(ds, 2, 'sw', args.n, args.k)
-    dti, p_dti = dti_minimal.make_prompts(ds, 2, 'dti', args.n, args.k)
+    model = dti_minimal.build_model(args, 'dti', 0)
+    sw, p_sw = dti_minimal.split_prompts(ds, 2, 'sw', args.n, 10)
+    dti, p_dti = dti_minimal.split_prompts(ds, 2, 'dti', args.n, 10)
     assert np.array_equal(p_sw, p_dti)
-    assert np.array_equal(dti_minimal.target_labels(ds, sw), dti_minimal.target_labels(ds, dti))
-    np.testing.assert_allclose(dti_minimal.predict(model, ds, dti), dti_minimal.predict(model, ds, sw), atol=1e-5)
+    assert np.array_equal(data.target_labels(ds, sw), data.target_labels(ds, dti))
+    np.testing.assert_allclose(dti_minimal.predict(model, ds, dti, 'cpu'), dti_minimal.predict(model, ds, sw, 'cpu'), atol=1e-5)
 
 
 def test_flops_per_target_matches_a_hand_count():
     """One SW prompt of two blocks [t S L][t S L], n=1, C=4, one layer. Allowed pairs:
     isolated t0:1 S0:2 L0:2 t1:1 S1:4 L1:2 = 12; window t0:1 S0:2 L0:2 t1:3 S1:4 L1:4 = 16.
     Forward = 24*T*C^2 + 4*pairs*C + 2*T*C with T=6; training = 3 x forward."""
-    ds = data.from_histories([[([11], 1), ([12], 0)]], [[0, 0]])
-    prompt = data.sw_refs(np.array([[0, 2]]), 1)
+    ds = from_histories([[([11], 1), ([12], 0)]])
+    prompt = data.sw_prompts(np.array([[0, 2]]), 1)
     for mask, pairs in (('isolated', 12), ('window', 16)):
         config = GPTConfig(n=1, n_embd=4, n_head=1, n_layer=1, mask=mask)
         assert dti_minimal.flops_per_target(ds, prompt, config) == 3 * (24 * 6 * 16 + 4 * pairs * 4 + 2 * 6 * 4)
@@ -72,13 +71,13 @@ def test_flops_per_target_matches_a_hand_count():
 def test_max_train_targets_gives_both_modes_the_same_first_targets():
     args = dti_minimal.parse_args(TINY)
     ds = dti_minimal.load_dataset(args)
-    sw, p_sw = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10, max_targets=333)
-    dti, p_dti = dti_minimal.make_prompts(ds, 0, 'dti', 5, 10, max_targets=333)
-    targets = lambda refs: int(data.ref_targets(refs).sum())
-    assert targets(sw) == targets(dti) == len(p_sw) == len(dti_minimal.target_labels(ds, sw)) == 333
-    assert np.array_equal(dti_minimal.target_labels(ds, sw), dti_minimal.target_labels(ds, dti))
-    full, p_full = dti_minimal.make_prompts(ds, 0, 'sw', 5, 10)
-    assert np.array_equal(dti_minimal.target_labels(ds, full)[:333], dti_minimal.target_labels(ds, sw))
+    sw, p_sw = dti_minimal.split_prompts(ds, 0, 'sw', 5, 10, max_targets=333)
+    dti, p_dti = dti_minimal.split_prompts(ds, 0, 'dti', 5, 10, max_targets=333)
+    targets = lambda prompts: int(data.prompt_targets(prompts).sum())
+    assert targets(sw) == targets(dti) == len(p_sw) == len(data.target_labels(ds, sw)) == 333
+    assert np.array_equal(data.target_labels(ds, sw), data.target_labels(ds, dti))
+    full, p_full = dti_minimal.split_prompts(ds, 0, 'sw', 5, 10)
+    assert np.array_equal(data.target_labels(ds, full)[:333], data.target_labels(ds, sw))
     assert np.array_equal(p_full[:333], p_sw)
 
 
@@ -86,8 +85,8 @@ def test_history_sets_user_lengths_and_full_streams_raise_the_analytic_speedup()
     def analytic(history):
         args = dti_minimal.parse_args(TINY + ['--history', history])
         ds = dti_minimal.load_dataset(args)
-        sw, dti = (dti_minimal.make_prompts(ds, 0, mode, 5, 10)[0] for mode in ('sw', 'dti'))
-        config = dti_minimal.model_config(args)
+        sw, dti = (dti_minimal.split_prompts(ds, 0, mode, 5, 10)[0] for mode in ('sw', 'dti'))
+        config = dti_minimal.build_model(args, 'dti', 0).config
         return ds, dti_minimal.flops_per_target(ds, sw, config) / dti_minimal.flops_per_target(ds, dti, config)
     short, ratio_short = analytic('18,18')  # ~9 train targets a user: one stream, partly empty
     long, ratio_long = analytic('150,150')  # ~115: mostly full streams of k=10
@@ -140,12 +139,12 @@ def target_blocks(b):
 def test_sw_step_j_trains_on_exactly_the_targets_of_dti_step_j():
     args = dti_minimal.parse_args(TINY)
     ds = dti_minimal.load_dataset(args)
-    units = dti_minimal.train_units(ds, 5, 10)
-    plan = dti_minimal.batches(units, 64, np.random.default_rng(0))
-    assert len(plan) > 10 and sorted(len(b) for b in plan) != [1] * len(plan)  # batches of several streams
-    for batch in plan:
-        sw = data.collate_refs(ds, dti_minimal.unit_prompts(units[batch], 'sw', 5))
-        dti = data.collate_refs(ds, dti_minimal.unit_prompts(units[batch], 'dti', 5))
+    units = dti_minimal.split_prompts(ds, 0, 'dti', 5, 10)[0]
+    schedule = dti_minimal.batches(units, 64, np.random.default_rng(0))
+    assert len(schedule) > 10 and sorted(len(b) for b in schedule) != [1] * len(schedule)  # batches of several streams
+    for batch in schedule:
+        sw = data.collate(ds, dti_minimal.unit_prompts(units[batch], 'sw', 5))
+        dti = data.collate(ds, dti_minimal.unit_prompts(units[batch], 'dti', 5))
         assert (sw['block'].max(1).values == 5).all() and ((sw['label'] >= 0).sum(1) == 1).all()  # SW prompts
         assert target_blocks(sw) == target_blocks(dti)
 
@@ -168,7 +167,8 @@ def test_compare_is_one_run_computed_two_ways_under_isolated_alibi_only(tmp_path
 @pytest.mark.parametrize('slowed,chosen', [('sparse_attention', 'dense'), ('attention_mask', 'sparse')])
 def test_attn_auto_trains_on_the_faster_path(slowed, chosen, monkeypatch):
     """--attn auto times both exact paths on the run's first batches: slow one of them down and the
-    other is chosen; the timing leaves no gradient behind and the weights as they were."""
+    other is chosen; the timing leaves no gradient behind, the weights as they were, and the
+    random state that dropout draws from untouched."""
     import time
     import model as model_module
     real = getattr(model_module, slowed)
@@ -177,14 +177,23 @@ def test_attn_auto_trains_on_the_faster_path(slowed, chosen, monkeypatch):
         time.sleep(0.05)
         return real(*a, **kw)
     monkeypatch.setattr(model_module, slowed, slow)
-    args = dti_minimal.parse_args(TINY + ['--max-train-targets', '300'])
+    args = dti_minimal.parse_args(TINY + ['--max-train-targets', '300', '--attn', 'auto', '--dropout', '0.1'])
     ds = dti_minimal.load_dataset(args)
-    units = dti_minimal.train_units(ds, args.n, args.k, args.max_train_targets)
-    plan = [(0, i, b) for i, b in enumerate(dti_minimal.batches(units, args.batch_size, np.random.default_rng(0)))]
-    model = dti_minimal.build_model(args)
-    before = {name: p.clone() for name, p in model.named_parameters()}
-    assert dti_minimal.fastest_attention(model, ds, units, 'dti', plan, args) == chosen
+    units = dti_minimal.split_prompts(ds, 0, 'dti', args.n, 10, args.max_train_targets)[0]
+    schedule = [(0, b) for b in dti_minimal.batches(units, args.batch_size, np.random.default_rng(0))]
+    model = dti_minimal.build_model(args, 'dti', 0)
+    before, rng = {name: p.clone() for name, p in model.named_parameters()}, torch.get_rng_state()
+    dti_minimal.choose_path(model, ds, units, 'dti', args, schedule, None)
+    assert model.config.attn == chosen and torch.equal(torch.get_rng_state(), rng)
     assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+def test_the_path_follows_the_paradigm_not_the_clock(tmp_path):
+    """With no --attn a run trains on a path stated in one line (dense for SW, sparse for DTI), so
+    two runs of the same command give the same step losses bit for bit."""
+    a, b = (dti_minimal.main(TINY + ['--out', str(tmp_path / name)]) for name in 'ab')
+    assert a['attn'] == 'sparse' and a['step_loss'] == b['step_loss'] and a['test_auc'] == b['test_auc']
+    assert dti_minimal.main(TINY + ['--mode', 'sw', '--max-train-targets', '200', '--out', str(tmp_path / 'c')])['attn'] == 'dense'
 
 
 def test_ablation_trains_every_row_from_the_same_weights_and_writes_ablation_json(tmp_path):
@@ -219,6 +228,6 @@ def test_max_eval_targets_scores_the_first_targets_of_valid_and_test(tmp_path):
     assert res['valid_targets'] == res['test_targets'] == 57
     args = dti_minimal.parse_args(TINY)
     ds = dti_minimal.load_dataset(args)
-    full = dti_minimal.make_prompts(ds, 2, 'sw', args.n, args.k)[0]
-    first = dti_minimal.make_prompts(ds, 2, 'dti', args.n, args.k, max_targets=57)[0]
-    assert np.array_equal(dti_minimal.target_labels(ds, first), dti_minimal.target_labels(ds, full)[:57])
+    full = dti_minimal.split_prompts(ds, 2, 'sw', args.n, 10)[0]
+    first = dti_minimal.split_prompts(ds, 2, 'dti', args.n, 10, max_targets=57)[0]
+    assert np.array_equal(data.target_labels(ds, first), data.target_labels(ds, full)[:57])
