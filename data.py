@@ -38,8 +38,9 @@ TEXT, SUM, LABEL, PAD = 0, 1, 2, 3
 # special tokens appended to GPT-2's 50257 ids (50256 is <|endoftext|>)
 SUM_ID, YES_ID, NO_ID, PAD_ID = 50257, 50258, 50259, 50260
 VOCAB_SIZE = 50261
-SPECIAL_TOKENS = {'<|endoftext|>': 50256, '[SUM]': SUM_ID, '<|yes|>': YES_ID, '<|no|>': NO_ID, '[PAD]': PAD_ID}
-MAX_TEXT_TOKENS = 64  # an item text is cut to this many tokens, so memory follows the data, not its longest line
+SPECIAL_TOKENS = {'<|endoftext|>': 50256, '[SUM]': SUM_ID, '<|yes|>': YES_ID, '<|no|>': NO_ID,
+                  '[PAD]': PAD_ID}
+MAX_TEXT_TOKENS = 64  # item texts are cut to this: memory follows the data, not its longest line
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,8 +80,7 @@ def encode_text(text):
 def build_dataset(name, texts, text_of_block, label, item, split, prob, lengths):
     """The columnar data set of per-block arrays and users' lengths; `texts` are the distinct
     item texts (each tokenized once, cut to MAX_TEXT_TOKENS) and text_of_block indexes them."""
-    ids = [encode_text(t[:20 * MAX_TEXT_TOKENS]) for t in tqdm(texts, desc='tokenize', unit='text', leave=False,
-                                                              disable=None)]
+    ids = [encode_text(t[:20 * MAX_TEXT_TOKENS]) for t in tqdm(texts, 'tokenize', leave=False, disable=None)]
     cut = sum(len(i) > MAX_TEXT_TOKENS for i in ids)
     ids = [i[:MAX_TEXT_TOKENS] for i in ids]
     text_len = np.array([len(i) for i in ids], dtype=np.int64)                     # (texts,)
@@ -91,11 +91,11 @@ def build_dataset(name, texts, text_of_block, label, item, split, prob, lengths)
     tokens = np.empty(token_start[-1], dtype=np.int32)
     for a in range(0, len(L), 1 << 20):  # in chunks of blocks: the index arrays stay small
         b = min(a + (1 << 20), len(L))
-        within = np.arange(token_start[a], token_start[b]) - np.repeat(token_start[a:b], L[a:b])
-        tokens[token_start[a]:token_start[b]] = text_tokens[np.repeat(text_start[text_of_block[a:b]], L[a:b]) + within]
-    return dict(tokens=tokens, token_start=token_start, label=np.asarray(label, dtype=np.int8),
-                item=np.asarray(item, dtype=np.int64), split=np.asarray(split, dtype=np.int8),
-                prob=np.asarray(prob, dtype=np.float64), user_start=np.r_[0, np.cumsum(lengths)].astype(np.int64),
+        shift = np.repeat(text_start[text_of_block[a:b]] - token_start[a:b], L[a:b])  # text's start - block's
+        tokens[token_start[a]:token_start[b]] = text_tokens[np.arange(token_start[a], token_start[b]) + shift]
+    return dict(tokens=tokens, token_start=token_start, label=np.asarray(label, np.int8),
+                item=np.asarray(item, np.int64), split=np.asarray(split, np.int8),
+                prob=np.asarray(prob, np.float64), user_start=np.r_[0, np.cumsum(lengths)].astype(np.int64),
                 name=name, cut=cut)
 
 
@@ -142,8 +142,8 @@ def describe(ds, n):
     tokens = np.diff(ds['token_start']) + 2
     cut = f' ({ds["cut"]} item texts cut to {MAX_TEXT_TOKENS} tokens)' if ds['cut'] else ''
     return (f"{ds['name']}: {len(ds['user_start']) - 1} users, {len(np.unique(ds['item']))} items, "
-            f"{len(ds['label'])} interactions, {ds['label'].mean():.1%} positive; targets with n={n} predecessors: "
-            f"train {targets[0]}, valid {targets[1]}, test {targets[2]}; tokens per block: "
+            f"{len(ds['label'])} interactions, {ds['label'].mean():.1%} positive; targets with n={n} "
+            f"predecessors: train {targets[0]}, valid {targets[1]}, test {targets[2]}; tokens per block: "
             f"mean {tokens.mean():.1f}, max {tokens.max()}{cut}")
 
 # -----------------------------------------------------------------------------
@@ -161,10 +161,8 @@ def sw_prompts(runs, n):
 def dti_streams(runs, n, k):
     """DTI: one stream per k consecutive targets s .. s+k-1, holding blocks s-n .. s+k-1: n context
     blocks, then the targets. A user's last stream may hold fewer than k targets."""
-    s = [np.arange(a + n, b, k) for a, b in runs]
-    s, end = (np.concatenate(s), np.concatenate([np.minimum(x + k, b) for x, (_, b) in zip(s, runs)])) if s else \
-        (np.zeros(0, np.int64), np.zeros(0, np.int64))
-    return np.stack([s - n, end, s], axis=1)
+    streams = [(s - n, min(s + k, b), s) for a, b in np.asarray(runs).tolist() for s in range(a + n, b, k)]
+    return np.array(streams, np.int64).reshape(-1, 3)
 
 
 def prompt_tokens(ds, prompts):
@@ -215,32 +213,6 @@ def collate(ds, prompts, multiple=1):
     return {key: torch.from_numpy(v) for key, v in out.items()}
 
 
-def collate_fast(ds, prompts, multiple=1):
-    """collate(), vectorised over all blocks of the batch at once: 10-20x faster, which the
-    trainer needs (an SW batch is 256 prompts of 21 blocks). Equal token for token:
-    tests/test_data.py::test_collate_fast_equals_collate."""
-    first, end, first_target = np.asarray(prompts, dtype=np.int64).reshape(-1, 3).T
-    nb = end - first                                                         # (B,) blocks per prompt
-    row = np.repeat(np.arange(len(nb)), nb)                                  # (N,) prompt of each block
-    blk = np.arange(nb.sum()) - np.repeat(np.cumsum(nb) - nb, nb) + first[row]  # (N,) block in the data set
-    L = ds['token_start'][blk + 1] - ds['token_start'][blk]                  # (N,) text tokens
-    w = L + 2                                                                # (N,) + [SUM] + label token
-    g = np.cumsum(w) - w                                                     # block starts, rows laid end to end
-    col = g - g[(np.cumsum(nb) - nb)[row]]                                   # (N,) block start in its row
-    tb = np.repeat(np.arange(len(blk)), w)                                   # (tokens,) block of each token
-    j = np.arange(len(tb)) - g[tb]                                           # (tokens,) place in its block
-    Lt, lab = L[tb], ds['label'][blk][tb]
-    at = np.minimum(ds['token_start'][blk][tb] + j, len(ds['tokens']) - 1)   # clipped: read only where j < L
-    text = ds['tokens'][at] if len(ds['tokens']) else np.zeros_like(at)
-    T = -(-int(np.bincount(row, weights=w, minlength=len(nb)).max()) // multiple) * multiple
-    out = {key: np.full((len(nb), T), v, np.int64) for key, v in FILL.items()}
-    r, c = row[tb], col[tb] + j
-    out['idx'][r, c] = np.where(j < Lt, text, np.where(j == Lt, SUM_ID, np.where(lab == 1, YES_ID, NO_ID)))
-    out['block'][r, c] = (blk - first[row])[tb]
-    out['role'][r, c] = np.where(j < Lt, TEXT, np.where(j == Lt, SUM, LABEL))
-    out['label'][r, c] = np.where((j == Lt) & (blk >= first_target[row])[tb], lab, -1)
-    return {key: torch.from_numpy(v) for key, v in out.items()}
-
 # -----------------------------------------------------------------------------
 # synthetic CTR data whose best possible leak-free AUC is known
 
@@ -286,7 +258,7 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
         item = _watch(rng, catalog, len(m), int(m.max()))                             # (U, M)
         label, prob, marker = _click(rng, catalog['logit'][item], n, canary, mood_weight, far_weight)
         times = np.where(np.arange(item.shape[1]) < m[:, None], rng.random(item.shape), 2.0)
-        times.sort(axis=1)                                   # interaction times in [0, 1): split at 0.8 and 0.9
+        times.sort(axis=1)                                   # times in [0, 1): split at 0.8 and 0.9
         real = np.arange(item.shape[1]) < m[:, None]         # (U, M): the users' own interactions
         split = np.searchsorted([0.8, 0.9], times[real], side='right').astype(np.int8)
         columns.append((label[real], item[real], split, prob[real], marker[real]))
@@ -328,7 +300,7 @@ def _watch(rng, catalog, U, M):
     p = np.where(catalog['present'], np.exp(taste), 0.0)
     p /= p.sum(-1, keepdims=True)
     g = np.minimum((np.cumsum(p, -1) < rng.random((U, M, 1))).sum(-1), G - 1)    # (U, M) watched genre
-    at = np.searchsorted(catalog['cum'], g + rng.random((U, M)), side='right')     # round-off kept in genre g:
+    at = np.searchsorted(catalog['cum'], g + rng.random((U, M)), side='right')  # round-off kept in genre g:
     return catalog['by_genre'][np.clip(at, catalog['first'][g], catalog['last'][g])]
 
 
@@ -337,7 +309,7 @@ def _click(rng, logit, n, canary, mood_weight, far_weight):
     of click logit `logit`: the mood is the mean label of the window, as +1/-1."""
     U, M = logit.shape
     sig = lambda z: 1.0 / (1.0 + np.exp(-z))
-    marks = rng.integers(0, 2, (U, M + n + 1))              # 'far' markers; index t+n+1 belongs to interaction t
+    marks = rng.integers(0, 2, (U, M + n + 1))              # 'far' markers; t+n+1 belongs to interaction t
     liked = np.zeros((U, M + 1), dtype=np.int64)            # liked[:, t]: likes among interactions 0 .. t-1
     y, prob = np.zeros((U, M), dtype=np.int8), np.zeros((U, M))
     coins = rng.random((U, M))
@@ -367,17 +339,18 @@ class DataError(Exception):
     """Missing or malformed data; the message names the file (and line). The CLI prints it, exits 2."""
 
 
+GROUPLENS = 'https://files.grouplens.org/datasets/movielens/'
 MOVIELENS = {  # the official zips and the md5 GroupLens publishes beside each (ml-NAME.zip.md5)
-    'ml-100k': ('https://files.grouplens.org/datasets/movielens/ml-100k.zip', '0e33842e24a9c977be4e0107933c0723'),
-    'ml-1m': ('https://files.grouplens.org/datasets/movielens/ml-1m.zip', 'c4d9eecfca2ab87c1945afe126590906'),
-    'ml-20m': ('https://files.grouplens.org/datasets/movielens/ml-20m.zip', 'cd245b17a1ae2cc31bb14903e1204af3'),
-    'ml-25m': ('https://files.grouplens.org/datasets/movielens/ml-25m.zip', '6b51fb2759a8657d3bfcbfc42b592ada'),
+    'ml-100k': (GROUPLENS + 'ml-100k.zip', '0e33842e24a9c977be4e0107933c0723'),
+    'ml-1m': (GROUPLENS + 'ml-1m.zip', 'c4d9eecfca2ab87c1945afe126590906'),
+    'ml-20m': (GROUPLENS + 'ml-20m.zip', 'cd245b17a1ae2cc31bb14903e1204af3'),
+    'ml-25m': (GROUPLENS + 'ml-25m.zip', '6b51fb2759a8657d3bfcbfc42b592ada'),
 }
 GROUPLENS_FILES = {'ml-100k': ('u.data', 'u.item'), 'ml-1m': ('ratings.dat', 'movies.dat'),
                    'ml-20m': ('ratings.csv', 'movies.csv'), 'ml-25m': ('ratings.csv', 'movies.csv')}
-ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy', 'Crime', 'Documentary',
-                 'Drama', 'Fantasy', 'Film-Noir', 'Horror', 'Musical', 'Mystery', 'Romance', 'Sci-Fi', 'Thriller',
-                 'War', 'Western']  # the 19 genre flags of u.item, in order
+ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'Comedy', 'Crime',
+                 'Documentary', 'Drama', 'Fantasy', 'Film-Noir', 'Horror', 'Musical', 'Mystery', 'Romance',
+                 'Sci-Fi', 'Thriller', 'War', 'Western']  # the 19 genre flags of u.item, in order
 
 
 def _flags(f):
@@ -416,8 +389,8 @@ def movielens(name, data_dir=None):
     split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
     keys = np.sort(np.fromiter(texts, np.int64, len(texts)))                       # item ids, sorted
     lengths = np.diff(np.r_[np.flatnonzero(np.r_[True, user[1:] != user[:-1]]), len(user)])  # per user
-    return build_dataset(name, [texts[i] for i in keys.tolist()], np.searchsorted(keys, item), rating >= 4, item,
-                         split, np.full(len(item), np.nan), lengths)
+    return build_dataset(name, [texts[i] for i in keys.tolist()], np.searchsorted(keys, item), rating >= 4,
+                         item, split, np.full(len(item), np.nan), lengths)
 
 
 def _spec(table, where):
@@ -435,7 +408,7 @@ def _item_texts(file):
         lines = [(i, line.split(sep)) for i, line in _lines(text)]
     if len(lines) <= bool(header):
         raise DataError(f'{where}: empty file')
-    cols = range(width) if header is None else _columns(where, lines[0][1], header, width is not None)
+    cols = range(width) if header is None else _columns(where, lines[0][1], header, width)
     texts, first = {}, {}
     for i, f in _widths(where, lines[bool(header):], width or len(lines[0][1])):
         try:
@@ -456,18 +429,19 @@ def _ratings(file, texts, items_where):
     where, text = _text(file)
     sep, header, width, lo, step = _spec(RATINGS, where)
     head = text.split('\n', 1)[0].removesuffix('\r').split(sep)
-    cols = [0, 1, 2, 3] if header is None or not text.strip() else _columns(where, head, header, width is not None)
-    width = width or len(head)
-    flat = text.replace(sep, '\t')
+    cols = [0, 1, 2, 3] if header is None or not text.strip() else _columns(where, head, header, width)
+    width, flat = width or len(head), text.replace(sep, '\t')
+    dtype = [('user', 'i8'), ('item', 'i8'), ('rating', 'f8'), ('time', 'f8')]
     try:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore')  # numpy's "input contained no data": _bad_line says "empty file"
-            rows = np.loadtxt(io.StringIO(flat), delimiter='\t', usecols=cols, skiprows=int(bool(header)), ndmin=1,
-                              dtype=[('user', 'i8'), ('item', 'i8'), ('rating', 'f8'), ('time', 'f8')], comments=None)
+            rows = np.loadtxt(io.StringIO(flat), dtype, delimiter='\t', usecols=cols,
+                              skiprows=int(bool(header)), ndmin=1, comments=None)
         r, t = rows['rating'], rows['time']
-        s = rows[np.lexsort((t, r, rows['item'], rows['user']))]                   # repeated rows side by side
-        good = (len(rows) and flat.count('\t') == (width - 1) * (len(rows) + bool(header))
-                and np.isfinite(t).all() and ((r >= lo) & (r <= 5) & (r % step == 0)).all() and not (s[1:] == s[:-1]).any())
+        s = rows[np.lexsort((t, r, rows['item'], rows['user']))]               # repeated rows side by side
+        good = (len(rows) and flat.count('\t') == (width - 1) * (len(rows) + bool(header))  # no extra field
+                and np.isfinite(t).all() and ((r >= lo) & (r <= 5) & (r % step == 0)).all()
+                and not (s[1:] == s[:-1]).any())
     except ValueError:
         good = False
     if not good:
@@ -524,8 +498,8 @@ def _lines(text):
 
 
 def _columns(where, fields, header, exact):
-    """The positions of the named columns in a header line: GroupLens' CSV header must be exactly
-    `header`; RecBole's typed header (`name:type`) may hold more columns, in any order."""
+    """The positions of the named columns in a header line: GroupLens' CSV header (a fixed width)
+    must be exactly `header`; RecBole's typed header (`name:type`) may hold more, in any order."""
     names = [h.split(':')[0].strip() for h in fields]
     if exact and names != header:
         raise DataError(f'{where} line 1: expected the header {",".join(header)}')
@@ -553,7 +527,8 @@ def _integer(where, i, value, what):
 
 def _float(value):
     """A field as a float, or None; ASCII only, as np.loadtxt reads it (Python's float takes 1_0)."""
-    return float(value) if re.fullmatch(r'\s*[+-]?([0-9.]+([eE][+-]?[0-9]+)?|inf|nan)\s*', value, re.I) else None
+    ascii_float = re.fullmatch(r'\s*[+-]?([0-9.]+([eE][+-]?[0-9]+)?|inf|nan)\s*', value, re.I)
+    return float(value) if ascii_float else None
 
 # -----------------------------------------------------------------------------
 # MovieLens: where the files come from
@@ -572,7 +547,8 @@ def find_movielens(name, data_dir=None):
         found = _locate(name, data_dir)
         if found is None:
             a, b = GROUPLENS_FILES[name]
-            raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, or {name}.zip)')
+            raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, '
+                            f'or {name}.zip)')
         return found
     found = _locate(name, cache_dir())
     if found is None:
@@ -587,7 +563,8 @@ def _locate(name, path):
     pairs = (GROUPLENS_FILES[name], (name + '.inter', name + '.item'))
     for p in (path, os.path.join(path, name), os.path.join(path, name + '.zip')):
         if os.path.isdir(p):
-            files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))] for f in os.listdir(p)}
+            files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))]
+                     for f in os.listdir(p)}
         elif os.path.isfile(p):
             files = _zip_files(p, name)
         else:
@@ -596,8 +573,9 @@ def _locate(name, path):
             if all(f in files for f in pair):
                 for f in pair:
                     if len(files[f]) > 1:
-                        raise DataError(f'{p}: {f} occurs {len(files[f])} times '
-                                        f'({", ".join(w[len(p) + 1:] for w, _ in files[f])}) and none in {name}/ or at the top')
+                        where = ', '.join(w[len(p) + 1:] for w, _ in files[f])
+                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({where}) and none in '
+                                        f'{name}/ or at the top')
                 return files[pair[0]][0], files[pair[1]][0]
             if any(f in files for f in pair):
                 have, missing = (pair[0], pair[1]) if pair[0] in files else (pair[1], pair[0])
@@ -649,13 +627,14 @@ def _read_member(z, member, where):
 
 
 def download(name, folder):
-    """The official zip into `folder`: to a temporary file, md5 checked, then renamed; nothing else is left."""
+    """The official zip into `folder`: a temporary file, md5 checked, then renamed; nothing else is left."""
     url, md5 = MOVIELENS[name]
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
     except OSError as e:
-        raise DataError(f'cache folder {folder} cannot be written ({e.strerror}); set $DTI_DATA or pass --data-dir')
+        raise DataError(f'cache folder {folder} cannot be written ({e.strerror}); set $DTI_DATA or pass '
+                        f'--data-dir')
     try:
         digest = hashlib.md5()
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=30) as r:
@@ -670,8 +649,9 @@ def download(name, folder):
         _zip_files(tmp, name)  # a zip, with safe member names
         os.replace(tmp, os.path.join(folder, name + '.zip'))
     except OSError as e:  # urllib's errors are OSErrors
-        raise DataError(f'{name}: no files found and the download of {url} failed ({getattr(e, "reason", e)}); '
-                        f'put {name}.zip or its extracted folder in {folder} (or $DTI_DATA), or pass --data-dir')
+        raise DataError(f'{name}: no files found and the download of {url} failed ({getattr(e, "reason", e)})'
+                        f'; put {name}.zip or its extracted folder in {folder} (or $DTI_DATA), or pass '
+                        f'--data-dir')
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

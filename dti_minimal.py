@@ -62,11 +62,11 @@ def parse_args(argv=None):
     add = p.add_argument
     # what to run
     add('--mode', choices=['sw', 'dti', 'compare', 'ablation', 'bench'], default='dti',
-        help='paradigm; compare: SW and DTI step for step; ablation: masks x positions x k; bench: attention paths')
+        help='paradigm; compare: SW and DTI step for step; ablation: masks x positions x k; bench: paths')
     add('--out', default='out', help='output folder for results.json (compare.json, ...) and ckpt.pt')
     add('--seeds', type=int, default=1, help='train every model once per seed --seed, --seed+1, ...')
     # data
-    add('--dataset', choices=DATASETS, default='synthetic', help='the synthetic -future and -far are leak canaries')
+    add('--dataset', choices=DATASETS, default='synthetic', help='synthetic-future and -far: leak canaries')
     add('--data-dir', help='MovieLens: a GroupLens folder or zip, or RecBole atomic files '
                            '(default: $DTI_DATA, ~/.cache/dti-minimal, else download there)')
     add('--users', type=int, default=600, help='number of synthetic users')
@@ -84,10 +84,10 @@ def parse_args(argv=None):
     add('--n-layer', type=int, default=2, help='transformer layers')
     add('--n-head', type=int, default=4, help='attention heads')
     add('--n-embd', type=int, default=64, help='embedding width C')
-    add('--block-size', type=int, default=2048, help='longest prompt in tokens (bounds learned positions only)')
+    add('--block-size', type=int, default=2048, help='longest prompt in tokens (learned positions only)')
     add('--dropout', type=float, default=0.0, help='dropout rate')
-    add('--attn', choices=['dense', 'sparse', 'flex', 'auto'], help='attention path (default: dense for SW, '
-        'sparse for DTI); flex: FlexAttention (CUDA); auto: time them on the first batches, take the faster')
+    add('--attn', choices=['dense', 'sparse', 'flex'], help='attention path (default: dense for SW prompts, '
+        'sparse for DTI streams; --mode bench times them); flex: FlexAttention, CUDA only')
     # training
     add('--epochs', type=int, default=4, help='passes over the training targets')
     add('--batch-size', type=int, default=256, help='targets per optimizer step, both paradigms')
@@ -98,7 +98,7 @@ def parse_args(argv=None):
     add('--compile', action='store_true', help='torch.compile the model for training')
     add('--ckpt-every', type=int, default=200, help='write DIR/ckpt.pt every N steps (0: at the end only)')
     add('--resume', action='store_true', help='continue the run whose checkpoint is DIR/ckpt.pt')
-    add('--eval-mode', choices=['sw', 'dti'], default='sw', help='score valid/test with SW prompts or streams')
+    add('--eval-mode', choices=['sw', 'dti'], default='sw', help='score valid/test on SW prompts or streams')
     return check_args(p.parse_args(argv))
 
 
@@ -126,23 +126,25 @@ def check_args(args):
     if not 1 <= args.history[0] <= args.history[1] <= 100_000:
         die(f'argument --history: needs 1 <= MIN <= MAX <= 100000, got {history}')
     if args.mode == 'bench' and args.n > 500:
-        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: --n at most 500, got {args.n}')
+        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: '
+            f'--n at most 500, got {args.n}')
     if args.mode != 'bench' and synthetic and args.n >= args.history[1]:
         die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), '
             f'so none has a target')
     for name, (lo, hi) in BOUNDS.items():
         v = getattr(args, name)
         if v is not None and not lo <= v <= hi:
-            die(f'{flag(name)} must be ' + ('in 0 .. 2**63-1' if name == 'seed' else f'at most {hi}' if v > hi
-                                             else '0 or more' if lo == 0 else f'at least {lo}') + f', got {v}')
+            what = 'in 0 .. 2**63-1' if name == 'seed' else f'at most {hi}' if v > hi else \
+                '0 or more' if lo == 0 else f'at least {lo}'
+            die(f'{flag(name)} must be {what}, got {v}')
     args.ks = args.ks or ([5, 50] if args.mode == 'ablation' else [50])
     if not 1 <= min(args.ks) <= max(args.ks) <= 100_000:
         die(f'argument --k: must be at least 1 and at most 100000, got {",".join(map(str, args.ks))}')
     if len(args.ks) > 1 and args.mode not in ('compare', 'ablation'):
         die('a list of k values is a sweep: use it with --mode compare or ablation')
     if args.users * args.history[1] > 12_000_000:
-        die(f'--users {args.users} --history {args.history[0]},{args.history[1]} allows '
-            f'{args.users * args.history[1]} interactions, more than this script generates (at most 12000000)')
+        die(f'--users {args.users} --history {history} allows {args.users * args.history[1]} interactions, '
+            f'more than this script generates (at most 12000000)')
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
     params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + \
@@ -151,8 +153,8 @@ def check_args(args):
     if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
         die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
             f'more than this machine\'s {memory / 2**30:.0f} GiB')
-    for name, ok, what in (('lr', args.lr > 0, 'a finite number > 0'), ('dropout', 0 <= args.dropout < 1, 'in [0, 1)'),
-                           ('weight_decay', args.weight_decay >= 0, 'a finite number >= 0')):
+    for name, ok, what in (('lr', args.lr > 0, 'a finite number > 0'), ('dropout', 0 <= args.dropout < 1,
+                           'in [0, 1)'), ('weight_decay', args.weight_decay >= 0, 'a finite number >= 0')):
         if not (ok and math.isfinite(getattr(args, name))):
             die(f'{flag(name)} must be {what}, got {getattr(args, name)}')
     if args.data_dir is not None and (synthetic or args.mode == 'bench'):
@@ -172,9 +174,9 @@ def check_args(args):
 def load_dataset(args):
     """The data set, its statistics printed; bad or missing MovieLens files are a one-line error."""
     try:
-        ds = data.movielens(args.dataset, args.data_dir) if args.dataset.startswith('ml-') else data.synthetic(
-            n_users=args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
-            canary=args.dataset.partition('-')[2] or None)
+        ds = data.movielens(args.dataset, args.data_dir) if args.dataset.startswith('ml-') else \
+            data.synthetic(args.users, min_len=args.history[0], max_len=args.history[1], n=args.n,
+                           canary=args.dataset.partition('-')[2] or None)
     except data.DataError as e:
         die(str(e))
     print(data.describe(ds, args.n))
@@ -194,9 +196,10 @@ def split_prompts(ds, split, mode, n, k, max_targets=None):
     max_targets of them, if given), and the targets' true click probabilities in order."""
     runs, prob = data.segments(ds, split, n)
     if max_targets is not None:
-        before = np.cumsum(runs[:, 1] - runs[:, 0] - n) - (runs[:, 1] - runs[:, 0] - n)  # targets in earlier runs
-        runs = runs[before < max_targets]
-        runs[:, 1] = np.minimum(runs[:, 1], runs[:, 0] + n + max_targets - before[before < max_targets])
+        targets = runs[:, 1] - runs[:, 0] - n
+        before = np.cumsum(targets) - targets                                  # targets in earlier runs
+        runs, before = runs[before < max_targets], before[before < max_targets]
+        runs[:, 1] = np.minimum(runs[:, 1], runs[:, 0] + n + max_targets - before)
         prob = prob[:max_targets]
     return (data.sw_prompts(runs, n) if mode == 'sw' else data.dti_streams(runs, n, k)), prob
 
@@ -261,7 +264,7 @@ def build_model(args, mode, seed, **change):
     """The GPT of the flags (with `change`, e.g. mask= or pos=), initialised from `seed`, on its
     paradigm's attention path (PATH_RULE) unless --attn names one."""
     torch.manual_seed(seed)
-    attn = PATH_RULE[mode] if args.attn in (None, 'auto') else args.attn
+    attn = args.attn or PATH_RULE[mode]
     config = dict(vocab_size=data.VOCAB_SIZE, yes_id=data.YES_ID, no_id=data.NO_ID, n_layer=args.n_layer,
                   n_head=args.n_head, n_embd=args.n_embd, n=args.n, mask=args.mask, pos=args.pos,
                   block_size=args.block_size, dropout=args.dropout, attn=attn)
@@ -282,13 +285,12 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
     save(state) is called every --ckpt-every steps and at the end. Returns one Step per step; the
     clock covers the batch, its plan, forward, backward and the update."""
     rng = np.random.default_rng(seed)
-    schedule = [(epoch, batch) for epoch in range(args.epochs) for batch in batches(units, args.batch_size, rng)]
+    schedule = [(epoch, b) for epoch in range(args.epochs) for b in batches(units, args.batch_size, rng)]
     opt = model.configure_optimizers(args.weight_decay, args.lr)
     records = restore(resume, model, opt, len(schedule)) if resume else []
-    choose_path(model, ds, units, mode, args, schedule, resume)  # --attn auto only
     net, ahead = wrap(model, args), batches_ahead(ds, units, mode, model, args, schedule, len(records))
-    bar = tqdm(total=args.epochs * int(data.prompt_targets(units).sum()), initial=sum(r.targets for r in records),
-               unit='target', desc=desc, dynamic_ncols=True, disable=True if RANK else None)
+    bar = tqdm(total=args.epochs * int(data.prompt_targets(units).sum()), unit='target', desc=desc,
+               initial=sum(r.targets for r in records), dynamic_ncols=True, disable=True if RANK else None)
     pending, t0 = [], time.perf_counter()  # steps whose loss is not read yet (on CUDA, 10 at a time)
     model.train()
     for step in range(len(records), len(schedule)):
@@ -302,7 +304,8 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
         (loss * WORLD).backward()                                              # DDP averages over ranks
         opt.step()
         pending.append((schedule[step][0], b, loss.detach().float()))
-        last, saving = step + 1 == len(schedule), save and args.ckpt_every and (step + 1) % args.ckpt_every == 0
+        last = step + 1 == len(schedule)
+        saving = save and args.ckpt_every and (step + 1) % args.ckpt_every == 0
         if len(pending) == (10 if 'cuda' in args.device else 1) or saving or last:
             records += read_losses(pending, time.perf_counter() - t0, step, save and args.out, bar)
             pending, t0 = [], time.perf_counter()
@@ -342,7 +345,7 @@ def predict(model, ds, prompts, device, max_tokens=32768):
     tokens, out = data.prompt_tokens(ds, prompts), {}
     mine = np.arange(RANK, len(prompts), WORLD)
     order = mine[np.argsort(tokens[mine], kind='stable')].tolist()  # similar lengths together
-    with tqdm(total=len(order), unit='prompt', desc='eval', leave=False, disable=True if RANK else None) as bar:
+    with tqdm(total=len(order), unit='prompt', desc='eval', leave=False, disable=RANK > 0 or None) as bar:
         while order:
             j = 1
             while j < len(order) and (j + 1) * tokens[order[j]] <= max_tokens:
@@ -368,8 +371,8 @@ def metrics(logits, labels):
     """AUC (None when the labels are all one class: it is undefined then), LogLoss, F1, accuracy."""
     p = 1.0 / (1.0 + np.exp(-np.clip(logits, -500, 500)))
     return dict(auc=float(roc_auc_score(labels, p)) if len(np.unique(labels)) == 2 else None,
-                logloss=float(log_loss(labels, p, labels=[0, 1])),
-                f1=float(f1_score(labels, p > 0.5, zero_division=0.0)), acc=float(accuracy_score(labels, p > 0.5)))
+                logloss=float(log_loss(labels, p, labels=[0, 1])), f1=float(f1_score(labels, p > 0.5,
+                zero_division=0.0)), acc=float(accuracy_score(labels, p > 0.5)))
 
 
 def evaluate(model, ds, evals, device):
@@ -378,7 +381,8 @@ def evaluate(model, ds, evals, device):
     res = {}
     for name, (prompts, prob) in evals.items():
         labels, logits = data.target_labels(ds, prompts), predict(model, ds, prompts, device)
-        res.update({f'{name}_{key}': v for key, v in metrics(logits, labels).items()}, **{f'{name}_targets': len(labels)})
+        res.update({f'{name}_{key}': v for key, v in metrics(logits, labels).items()})
+        res[f'{name}_targets'] = len(labels)
         res[f'{name}_bayes_auc'] = metrics(prob, labels)['auc'] if np.isfinite(prob).all() else None
         if name.startswith('test'):
             res[f'{name}_logits'] = logits.tolist()
@@ -431,8 +435,9 @@ def paired_ci(ds, blocks, a, b, resamples=1000):
     _, user = np.unique(np.searchsorted(ds['user_start'], blocks, side='right'), return_inverse=True)
     rng, U, diffs = np.random.default_rng(0), user.max() + 1, []
     for r in range(0, resamples, 100):  # 100 resamples at a time: (100, targets) weights
-        w = np.stack([np.bincount(rng.integers(0, U, U), minlength=U) for _ in range(min(100, resamples - r))])
-        d = np.stack([weighted_auc(x, labels, w[:, user]) - weighted_auc(y, labels, w[:, user]) for x, y in zip(a, b)])
+        draws = [np.bincount(rng.integers(0, U, U), minlength=U) for _ in range(min(100, resamples - r))]
+        w = np.stack(draws)[:, user]                                           # (R, N) its user's draws
+        d = np.stack([weighted_auc(x, labels, w) - weighted_auc(y, labels, w) for x, y in zip(a, b)])  # (S,R)
         diffs.append(np.take_along_axis(d, rng.integers(0, len(a), d.shape), 0).mean(0))  # seeds drawn too
     return [float(v) for v in np.percentile(np.concatenate(diffs), [2.5, 97.5])]
 
@@ -454,15 +459,15 @@ def run(args, ds, mode, k, prepared, seed, init=None, save=None, resume=None, **
     records = train(model, ds, units, mode, args, seed, f'train {mode}', save, resume)
     targets, seconds = sum(r.targets for r in records), sum(r.seconds for r in records)
     res = evaluate(model, ds, evals, args.device)
-    return dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=model.config.mask, pos=model.config.pos,
-                attn=model.config.attn, n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=seed,
+    cfg, loss = model.config, [r.loss for r in records]
+    return dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=cfg.mask, pos=cfg.pos, attn=cfg.attn,
+                n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=seed,
                 targets_trained=targets, train_seconds=seconds, steps=len(records),
                 mean_targets_per_step=targets / len(records), time_per_target_ms=1000 * seconds / targets,
                 median_time_per_target_ms=median_ms_per_target(records),
-                flops_per_target=flops_per_target(ds, prompts, model.config),
-                padding=float(np.mean([r.padding for r in records])),
-                first_loss=float(np.mean([r.loss for r in records[:10]])),
-                last_loss=float(np.mean([r.loss for r in records[-10:]])), step_loss=[r.loss for r in records],
+                flops_per_target=flops_per_target(ds, prompts, cfg), 
+                padding=np.mean([r.padding for r in records]),
+                first_loss=np.mean(loss[:10]), last_loss=np.mean(loss[-10:]), step_loss=loss,
                 **res, bayes_auc=res.get('test_bayes_auc'))
 
 
@@ -489,7 +494,8 @@ def train_and_report(args, ckpt=None):
     res = dict(done[0], **over_seeds(done, 'test_auc'), **over_seeds(done, 'test_logloss'), seeds=args.seeds,
                **{f'baseline_test_{m}': v for m, v in metrics(base, ds['label'][blocks]).items()},
                baseline_diff_ci=paired_ci(ds, blocks, [r['test_logits'] for r in done], [base] * len(done)),
-               prepare_seconds=prepare_seconds, prepare_peak_rss_mb=prepare_peak_rss_mb, peak_rss_mb=peak_rss_mb())
+               prepare_seconds=prepare_seconds, prepare_peak_rss_mb=prepare_peak_rss_mb,
+               peak_rss_mb=peak_rss_mb())
     res = dict({key: v for key, v in res.items() if not key.endswith('_logits')}, args=vars(args))
     path = write_json(args.out, 'results.json', res)
     print()
@@ -501,11 +507,12 @@ def train_and_report(args, ckpt=None):
     if args.seeds > 1:
         print(f"over {args.seeds} seeds: test AUC {seeds_cell(res['test_auc_seeds'])}, "
               f"LogLoss {seeds_cell(res['test_logloss_seeds'])}")
-    print(f"test AUC minus LR's: {difference(res['test_auc_mean'], res['baseline_test_auc'], res['baseline_diff_ci'])}"
-          f" (95% interval: a bootstrap over test users{' and seeds' if args.seeds > 1 else ''})")
+    diff = difference(res['test_auc_mean'], res['baseline_test_auc'], res['baseline_diff_ci'])
+    print(f"test AUC minus LR's: {diff} (95% interval, a bootstrap over test users"
+          f"{' and seeds' * (args.seeds > 1)})")
     print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
-          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per target "
-          f"(analytic); wrote {path}")
+          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per "
+          f"target (analytic); wrote {path}")
     return res
 
 
@@ -543,7 +550,7 @@ def compare(args, ds):
     """SW and DTI step for step: the same initial weights, data, mask and steps, SW step j on the
     targets of DTI step j; per seed, one SW run and one DTI run per k. Speed-ups are ratios of
     median step times per target of the first seed's runs, in this process."""
-    evals = {k: eval_prompts(args, ds, args.eval_mode, k) for k in args.ks}  # their targets: the same for every k
+    evals = {k: eval_prompts(args, ds, args.eval_mode, k) for k in args.ks}  # the same targets for every k
     prepared = {('sw', args.ks[0]): prepare(args, ds, 'sw', args.ks[0], evals[args.ks[0]]),
                 **{('dti', k): prepare(args, ds, 'dti', k, evals[k]) for k in args.ks}}
     lock(args.out)
@@ -553,47 +560,54 @@ def compare(args, ds):
         for (mode, k), p in prepared.items():
             runs[mode, k].append(run(args, ds, mode, k, p, seed, init))
     blocks = data.target_blocks(evals[args.ks[0]]['test'][0])
-    sw, base = runs['sw', args.ks[0]], baseline(ds, args.n, blocks)
+    sw = runs.pop(('sw', args.ks[0]))
     s, logits = sw[0], lambda rs: [r['test_logits'] for r in rs]
-    mean = lambda rs, m: float(np.mean([r[f'test_{m}'] for r in rs]))
-    sweep = [dict(k=k, dti_time_per_target_ms=r[0]['median_time_per_target_ms'], dti_attn=r[0]['attn'],
-                  speedup=s['median_time_per_target_ms'] / r[0]['median_time_per_target_ms'],
-                  analytic_speedup=s['flops_per_target'] / r[0]['flops_per_target'], ideal_ratio=args.n * k / (args.n + k),
-                  **{f'dti_{key}': r[0][key] for key in ('flops_per_target', 'train_seconds', 'padding', 'steps',
-                                                         'step_loss')},
-                  dti_test_auc_seeds=[x['test_auc'] for x in r], test_auc_diff_ci=paired_ci(ds, blocks, logits(r), logits(sw)),
-                  **{f'dti_test_{m}': mean(r, m) for m in ('auc', 'logloss', 'f1')})
-             for (mode, k), r in runs.items() if mode == 'dti']
-    res = dict(sweep[0], **{f'sw_{key}': s[key] for key in ('flops_per_target', 'train_seconds', 'padding', 'attn',
-                                                             'steps', 'step_loss')},
-               sw_time_per_target_ms=s['median_time_per_target_ms'], sw_test_auc_seeds=[r['test_auc'] for r in sw],
-               **{f'sw_test_{m}': mean(sw, m) for m in ('auc', 'logloss', 'f1')},
-               max_step_loss_diff=float(np.max(np.abs(np.subtract(s['step_loss'], sweep[0]['dti_step_loss'])))),
-               mean_targets_per_step=s['mean_targets_per_step'], bayes_auc=s['bayes_auc'],
-               **{f'baseline_test_{m}': v for m, v in metrics(base, ds['label'][blocks]).items()},
-               n=args.n, mask=args.mask, pos=args.pos, targets_trained=s['targets_trained'], seeds=args.seeds,
+    first = lambda rs, prefix: {f'{prefix}_{key}': rs[0][key] for key in (
+        'flops_per_target', 'train_seconds', 'padding', 'attn', 'steps', 'step_loss')}
+    mean = lambda rs, prefix: {f'{prefix}_test_{m}': float(np.mean([r[f'test_{m}'] for r in rs]))
+                               for m in ('auc', 'logloss', 'f1')}
+    ms = lambda rs: rs[0]['median_time_per_target_ms']
+    sweep = [dict(k=k, dti_time_per_target_ms=ms(r), **first(r, 'dti'), **mean(r, 'dti'),
+                  speedup=ms(sw) / ms(r),
+                  analytic_speedup=s['flops_per_target'] / r[0]['flops_per_target'],
+                  ideal_ratio=args.n * k / (args.n + k), dti_test_auc_seeds=[x['test_auc'] for x in r],
+                  test_auc_diff_ci=paired_ci(ds, blocks, logits(r), logits(sw)))
+             for (_, k), r in runs.items()]
+    base = metrics(baseline(ds, args.n, blocks), ds['label'][blocks])
+    res = dict(sweep[0], **first(sw, 'sw'), **mean(sw, 'sw'), sw_time_per_target_ms=ms(sw),
+               sw_test_auc_seeds=[r['test_auc'] for r in sw],
+               **{f'baseline_test_{m}': v for m, v in base.items()},
+               max_step_loss_diff=float(np.abs(np.subtract(s['step_loss'], sweep[0]['dti_step_loss'])).max()),
+               mean_targets_per_step=s['mean_targets_per_step'], bayes_auc=s['bayes_auc'], n=args.n,
+               mask=args.mask, pos=args.pos, targets_trained=s['targets_trained'], seeds=args.seeds,
                torch=torch.__version__, threads=torch.get_num_threads(), sweep=sweep, args=vars(args))
-    path = write_json(args.out, 'compare.json', res)
-    print(f"\nSW vs DTI, n={args.n}, mask={args.mask}, pos={args.pos}, {s['targets_trained']} targets trained each "
-          f"in {s['steps']} paired steps of {s['mean_targets_per_step']:.0f} targets on average; "
-          f"medians of step time per target")
+    print_compare(res, write_json(args.out, 'compare.json', res))
+    return res
+
+
+def print_compare(res, path):
+    print(f"\nSW vs DTI, n={res['n']}, mask={res['mask']}, pos={res['pos']}, {res['targets_trained']} "
+          f"targets trained each in {res['sw_steps']} paired steps of {res['mean_targets_per_step']:.0f} "
+          f"targets on average; medians of step time per target")
     print_table(['', 'path', 'ms/target', 'speed-up', 'analytic', 'n*k/(n+k)', 'padding'],
-                [['SW', s['attn'], f"{s['median_time_per_target_ms']:.3f}", '1.0x', '1.0x', '', f"{s['padding']:.1%}"]]
-                + [[f"DTI k={r['k']}", r['dti_attn'], f"{r['dti_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x",
-                    f"{r['analytic_speedup']:.1f}x", f"{r['ideal_ratio']:.1f}x", f"{r['dti_padding']:.1%}"]
-                   for r in sweep])
+                [['SW', res['sw_attn'], f"{res['sw_time_per_target_ms']:.3f}", '1.0x', '1.0x', '',
+                  f"{res['sw_padding']:.1%}"]]
+                + [[f"DTI k={r['k']}", r['dti_attn'], f"{r['dti_time_per_target_ms']:.3f}",
+                    *(f'{r[key]:.1f}x' for key in ('speedup', 'analytic_speedup', 'ideal_ratio')),
+                    f"{r['dti_padding']:.1%}"] for r in res['sweep']])
     print()
     print_table(['', 'test AUC', 'LogLoss', 'F1', 'train s', "minus SW's AUC [95% interval]"],
-                [['SW', seeds_cell(res['sw_test_auc_seeds']), num(res['sw_test_logloss']), num(res['sw_test_f1']),
-                  f"{s['train_seconds']:.1f}", '']]
+                [['SW', seeds_cell(res['sw_test_auc_seeds']), num(res['sw_test_logloss']),
+                  num(res['sw_test_f1']), f"{res['sw_train_seconds']:.1f}", '']]
                 + [[f"DTI k={r['k']}", seeds_cell(r['dti_test_auc_seeds']), num(r['dti_test_logloss']),
                     num(r['dti_test_f1']), f"{r['dti_train_seconds']:.1f}",
-                    difference(r['dti_test_auc'], res['sw_test_auc'], r['test_auc_diff_ci'])] for r in sweep]
+                    difference(r['dti_test_auc'], res['sw_test_auc'], r['test_auc_diff_ci'])]
+                   for r in res['sweep']]
                 + [['test LR', *(num(res[f'baseline_test_{m}']) for m in ('auc', 'logloss', 'f1')), '', '']])
     print(f'test LR: {BASELINE}; the interval: a paired bootstrap over test users and seeds')
-    print(f"largest difference of SW's and DTI k={args.ks[0]}'s loss at the same step: {res['max_step_loss_diff']:.2e}")
+    print(f"largest difference of SW's and DTI k={res['k']}'s loss at the same step: "
+          f"{res['max_step_loss_diff']:.2e}")
     print(f'wrote {path}')
-    return res
 
 
 ABLATION = [  # (name, mode, mask, pos): pos None is --pos
@@ -611,76 +625,69 @@ def ablation(args, ds):
     DTI with {window, isolated} x {learned, ALiBi} for every k of --k, all from the same initial
     weights on the same targets and steps, once per seed. Every model is scored twice: on SW
     prompts (how a deployed model meets one new target) and on streams of its k (SW rows: the
-    largest k, on whose batches they train). Each row's test AUC gets a paired interval against
-    the first row's."""
+    largest k, on whose batches they train). Each row gets a paired interval against the first."""
     K = max(args.ks)
     evals = {k: {f'{split}_{way}': p for way, mode in (('sw', 'sw'), ('stream', 'dti'))
                  for split, p in eval_prompts(args, ds, mode, k).items()} for k in args.ks}
     rows = [dict(name=name, mode=mode, mask=mask, pos=pos or args.pos, k=None if mode == 'sw' else k)
             for name, mode, mask, pos in ABLATION for k in ([K] if mode == 'sw' else args.ks)]
-    prepared = {(r['mode'], r['k']): prepare(args, ds, r['mode'], r['k'] or K, evals[r['k'] or K]) for r in rows}
+    prepared = {(r['mode'], r['k']): prepare(args, ds, r['mode'], r['k'] or K, evals[r['k'] or K])
+                for r in rows}
     lock(args.out)
     for seed in range(args.seed, args.seed + args.seeds):
         init = build_model(args, 'sw', seed, pos='learned').state_dict()
         for r in rows:
             print(f"\n{r['name']}: --mode {r['mode']} --mask {r['mask']} --pos {r['pos']} --k {r['k'] or K}")
-            r.setdefault('runs', []).append(run(args, ds, r['mode'], r['k'] or K, prepared[r['mode'], r['k']], seed,
-                                                init, mask=r['mask'], pos=r['pos']))
-    blocks = {way: data.target_blocks(evals[K][f'test_{way}'][0]) for way in ('sw', 'stream')}
-    ref = rows[0]['runs']
+            r.setdefault('runs', []).append(run(args, ds, r['mode'], r['k'] or K, prepared[r['mode'], r['k']],
+                                                seed, init, mask=r['mask'], pos=r['pos']))
+    ref, sw_rows = rows[0]['runs'], {r['mask']: r['runs'] for r in rows if r['mode'] == 'sw'}
+    logits = lambda runs, way: [x[f'test_{way}_logits'] for x in runs]
     for r in rows:
-        r.update({key: r['runs'][0][key] for key in ('attn', 'train_seconds', 'median_time_per_target_ms',
-                                                      'flops_per_target', 'targets_trained', 'steps', 'step_loss')})
+        runs = r.pop('runs')
+        r.update({key: runs[0][key] for key in ('attn', 'train_seconds', 'median_time_per_target_ms',
+                                                'flops_per_target', 'targets_trained', 'steps', 'step_loss')})
         for split, way, m in itertools.product(('valid', 'test'), ('sw', 'stream'), ('auc', 'logloss')):
-            r.update(over_seeds(r['runs'], f'{split}_{way}_{m}', f'{split}_{m}_{way}'))
+            r.update(over_seeds(runs, f'{split}_{way}_{m}', f'{split}_{m}_{way}'))
             r[f'{split}_{m}_{way}'] = r[f'{split}_{m}_{way}_mean']
         for way in ('sw', 'stream'):
-            logits = lambda runs: [x[f'test_{way}_logits'] for x in runs]
-            r[f'test_auc_{way}_diff_ci'] = paired_ci(ds, blocks[way], logits(r['runs']), logits(ref))
-        r['speedup'] = rows[0]['median_time_per_target_ms'] / r['median_time_per_target_ms']
-    paired_steps(rows, K)
+            blocks = data.target_blocks(evals[K][f'test_{way}'][0])
+            r[f'test_auc_{way}_diff_ci'] = paired_ci(ds, blocks, logits(runs, way), logits(ref, way))
+        r['speedup'] = ref[0]['median_time_per_target_ms'] / r['median_time_per_target_ms']
+        if r['k'] == K:  # the same steps as the SW row with its mask, from the same weights
+            diff = np.abs(np.subtract(r['step_loss'], sw_rows[r['mask']][0]['step_loss']))
+            over = np.flatnonzero(diff > 1e-4)
+            r.update(paired_sw_row='SW, isolated' if r['mask'] == 'isolated' else 'SW, standard',
+                     step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
+                     first_step_diff_over_1e4=int(over[0]) + 1 if len(over) else None)
+    both = next(r for r in rows if r['name'] == 'DTI, both' and r['k'] == K)
     res = dict(dataset=args.dataset, n=args.n, k=args.ks, seeds=args.seeds, reference=rows[0]['name'],
-               targets_trained=rows[0]['targets_trained'], steps=rows[0]['steps'], bayes_auc=ref[0]['test_sw_bayes_auc'],
-               max_step_loss_diff=next(r for r in rows if r['name'] == 'DTI, both' and r['k'] == K)['step_loss_diff_max'],
-               torch=torch.__version__, threads=torch.get_num_threads(),
-               rows=[{key: v for key, v in r.items() if key != 'runs'} for r in rows], args=vars(args))
-    path = write_json(args.out, 'ablation.json', res)
-    print_ablation(res, path)
+               targets_trained=rows[0]['targets_trained'], steps=rows[0]['steps'],
+               bayes_auc=ref[0]['test_sw_bayes_auc'], max_step_loss_diff=both['step_loss_diff_max'],
+               torch=torch.__version__, threads=torch.get_num_threads(), rows=rows, args=vars(args))
+    print_ablation(res, write_json(args.out, 'ablation.json', res))
     return res
-
-
-def paired_steps(rows, K):
-    """At k=K every DTI row takes the same steps as the SW row with its mask, from the same weights:
-    their step losses differ only by what the two paradigms compute differently ('DTI, both'
-    against 'SW, isolated': nothing but round-off, which training then amplifies)."""
-    sw_rows = {r['mask']: r for r in rows if r['mode'] == 'sw'}
-    for r in rows:
-        if r['k'] == K:
-            sw = sw_rows[r['mask']]
-            diff = np.abs(np.subtract(r['step_loss'], sw['step_loss']))
-            r.update(paired_sw_row=sw['name'], step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
-                     first_step_diff_over_1e4=int(np.argmax(diff > 1e-4)) + 1 if (diff > 1e-4).any() else None)
 
 
 def print_ablation(res, path):
     rows, K = res['rows'], max(res['k'])
     bayes = '' if res['bayes_auc'] is None else f", Bayes AUC {res['bayes_auc']:.4f}"
-    print(f"\nablation on {res['dataset']}, n={res['n']}, {res['targets_trained']} targets trained by every row, "
-          f"{res['seeds']} seed(s){bayes}; test metrics scored on SW prompts and on streams of the row's k "
-          f"(SW rows: k={K})")
+    print(f"\nablation on {res['dataset']}, n={res['n']}, {res['targets_trained']} targets trained by every "
+          f"row, {res['seeds']} seed(s){bayes}; test metrics scored on SW prompts and on streams of the "
+          f"row's k (SW rows: k={K})")
     print_table(['', 'k', 'mask', 'pos', 'path', 'AUC SW', 'LogLoss SW', 'AUC stream', 'LogLoss stream',
                  'train s', 'ms/target', 'speed-up'],
                 [[r['name'], str(r['k'] or ''), r['mask'], r['pos'], r['attn'],
-                  *(seeds_cell(r[f'test_{m}_{way}_seeds']) for way in ('sw', 'stream') for m in ('auc', 'logloss')),
-                  f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}", f"{r['speedup']:.1f}x"]
-                 for r in rows])
-    print(f"\ntest AUC minus {res['reference']}'s, with its paired 95% interval (bootstrap over test users and seeds)")
+                  *(seeds_cell(r[f'test_{m}_{w}_seeds']) for w in ('sw', 'stream')
+                    for m in ('auc', 'logloss')),
+                  f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}",
+                  f"{r['speedup']:.1f}x"] for r in rows])
+    print(f"\ntest AUC minus {res['reference']}'s, with its paired 95% interval (over test users and seeds)")
     print_table(['', 'k', 'scored on SW prompts', 'scored on streams'],
-                [[r['name'], str(r['k'] or ''), *(difference(r[f'test_auc_{way}'], rows[0][f'test_auc_{way}'],
-                                                             r[f'test_auc_{way}_diff_ci']) for way in ('sw', 'stream'))]
+                [[r['name'], str(r['k'] or ''), *(difference(r[f'test_auc_{w}'], rows[0][f'test_auc_{w}'],
+                                                  r[f'test_auc_{w}_diff_ci']) for w in ('sw', 'stream'))]
                  for r in rows[1:]])
-    print(f"\nat k={K} every DTI row takes the same steps as the SW row with its mask, from the same weights; "
-          f"their losses at the same step differ by (first seed)")
+    print(f"\nat k={K} every DTI row takes the same steps as the SW row with its mask, from the same "
+          f"weights; their losses at the same step differ by (first seed)")
     print_table(['', 'against', 'step 1', 'first step > 1e-4', 'largest'],
                 [[r['name'], r['paired_sw_row'], f"{r['step_loss_diff_first']:.1e}",
                   str(r['first_step_diff_over_1e4'] or '-'), f"{r['step_loss_diff_max']:.1e}"]
@@ -716,10 +723,11 @@ def bench(args):
     ds = data.synthetic(n_users=1, min_len=args.n + 440, max_len=args.n + 440, n=args.n)
     b = to_device(data.collate(ds, data.dti_streams(np.array([[0, args.n + 440]]), args.n, 440)), args.device)
     if args.pos == 'learned' and b['idx'].size(1) > args.block_size:
-        die(f"a prompt of {b['idx'].size(1)} tokens is longer than --block-size {args.block_size} (learned positions)")
+        die(f"a prompt of {b['idx'].size(1)} tokens is longer than --block-size {args.block_size} "
+            f"(learned positions)")
     lock(args.out)
     cuda = 'cuda' in args.device
-    models = {attn: build_model(args, 'dti', args.seed, attn=attn) for attn in ['sparse', 'dense'] + ['flex'] * cuda}
+    models = {a: build_model(args, 'dti', args.seed, attn=a) for a in ['sparse', 'dense', 'flex'][:2 + cuda]}
     times = {attn: [] for attn in models}
 
     def step(model):
@@ -739,9 +747,10 @@ def bench(args):
                **{f'{attn}_peak_mb': peak[attn] for attn in times}, torch=torch.__version__,
                threads=torch.get_num_threads())
     path = write_json(args.out, 'bench.json', res)
-    print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward (median of 5)")
+    print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward "
+          f"(median of 5)")
     for attn in times:
-        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {peak[attn] or float('nan'):7.0f} MB")
+        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {peak[attn] or np.nan:7.0f} MB")
     print(f"sparse is {res['speedup']:.1f}x faster than dense; wrote {path}")
     return res
 
@@ -770,7 +779,8 @@ def peak_rss_mb():
 
 def median_ms_per_target(records):
     """Median over steps of step time per target, warm-up (the first 5% of steps, at least 3) left out."""
-    return 1000 * float(np.median([r.seconds / r.targets for r in records[max(3, len(records) // 20):] or records]))
+    steady = records[max(3, len(records) // 20):] or records
+    return 1000 * float(np.median([r.seconds / r.targets for r in steady]))
 
 
 def flops_per_target(ds, prompts, config, most=50_000):
@@ -783,14 +793,14 @@ def flops_per_target(ds, prompts, config, most=50_000):
     return total / int(data.prompt_targets(prompts).sum())
 
 # -----------------------------------------------------------------------------
-# long runs: checkpoints and resume, the --attn auto race, compile, torchrun, CUDA
+# long runs: checkpoints and resume, compile, torchrun, CUDA
 
 CKPT_FORMAT = 'dti-minimal checkpoint v2'
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
-RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs', 'max_train_targets',
-            'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn']  # what a resumed run must keep
-CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict, data=str, seed=int, done=list,
-                  attn=str)
+RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs',  # what a resumed
+            'max_train_targets', 'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn']  # run keeps
+CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict, data=str, seed=int,
+                  done=list, attn=str)
 
 
 def save_checkpoint(folder, state):
@@ -800,10 +810,12 @@ def save_checkpoint(folder, state):
     temporary file, then renamed; a failed write stops the run and keeps the previous one."""
     model, path = state['model'], os.path.join(folder, 'ckpt.pt')
     check_weights(model, len(state['records']), state['epoch'], folder)
-    rng = dict(torch=torch.get_rng_state(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    rng = dict(torch=torch.get_rng_state(), cuda=cuda)
     try:
         if not RANK:
-            torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(), optimizer=state['optimizer'].state_dict(),
+            torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(),
+                            optimizer=state['optimizer'].state_dict(),
                             records=[tuple(r) for r in state['records']], rng=rng, attn=model.config.attn,
                             **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
             os.replace(path + '.tmp', path)
@@ -835,10 +847,11 @@ def checkpoint_in(args):
             die(f'{path}: a damaged checkpoint ({key!r} is missing or not a {kind.__name__})')
     show = lambda v: ','.join(map(str, v)) if isinstance(v, (list, tuple)) else v
     for key in SHAPE_ARGS + RUN_ARGS:
-        old, new, flag = ckpt['args'].get(key), getattr(args, key), '--' + key.replace('_', '-').replace('ks', 'k')
+        old, new, flag = ckpt['args'].get(key), getattr(args, key), '--' + key.replace('_', '-')
+        flag = '--k' if key == 'ks' else flag
         if old != new and not args.resume:
-            die(f'{path} holds another run ({flag} {show(old)}, here {show(new)}); continue it with its flags '
-                f'and --resume, or pass another --out')
+            die(f'{path} holds another run ({flag} {show(old)}, here {show(new)}); continue it with its '
+                f'flags and --resume, or pass another --out')
         if old != new:
             die(f'--resume: {flag} {show(new)} changes the model shape (the checkpoint has {show(old)})'
                 if key in SHAPE_ARGS else f'--resume: {flag} {show(new)} differs from the checkpoint '
@@ -855,10 +868,11 @@ def restore(ckpt, model, opt, n_steps):
         for p in model.parameters():  # a foreign optimizer state may load, then fail at its first step
             for v in opt.state.get(p, {}).values():
                 if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
-                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter of {tuple(p.shape)}')
+                    raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter '
+                                     f'of {tuple(p.shape)}')
         records = [Step(float(s), int(t), float(loss), float(pad)) for s, t, loss, pad in ckpt['records']]
-        if not 0 < len(records) <= n_steps or not all(math.isfinite(r.loss) and r.targets > 0 for r in records):
-            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or one no step writes')
+        if not 0 < len(records) <= n_steps or not all(math.isfinite(r.loss) and r.targets for r in records):
+            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or a broken one')
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ValueError('non-finite weights')
         torch.set_rng_state(ckpt['rng']['torch'])
@@ -882,7 +896,8 @@ def read_losses(pending, seconds, step, folder, bar):
             stop(f'the loss is {loss} at step {step + 2 - len(pending) + i} (epoch {epoch + 1})', folder)
     bar.set_postfix(epoch=pending[-1][0] + 1, loss=f'{losses[-1]:.4f}', refresh=False)
     bar.update(targets)
-    return [Step(seconds * b.targets / targets, b.targets, loss, b.padding) for (_, b, _), loss in zip(pending, losses)]
+    return [Step(seconds * b.targets / targets, b.targets, loss, b.padding)
+            for (_, b, _), loss in zip(pending, losses)]
 
 
 def check_weights(model, step, epoch, folder):
@@ -893,35 +908,8 @@ def check_weights(model, step, epoch, folder):
 def stop(what, folder):
     """A run that went wrong: one line (exit 1) saying what, and which checkpoint is good."""
     last = os.path.join(folder or '', 'ckpt.pt')
-    good = f'the last good checkpoint is {last}' if folder and os.path.exists(last) else 'no checkpoint was written'
-    die(f'{what}; stopped, {good}', code=1)
-
-
-def choose_path(model, ds, units, mode, args, schedule, resume):
-    """--attn auto: forward + backward of the first two batches on every exact path (and flex on
-    CUDA), interleaved, three times; model.config.attn becomes the one with the smaller median.
-    Weights, gradients and the random state stay as they were; a resumed run keeps its path."""
-    if args.attn != 'auto' or resume:
-        model.config.attn = resume['attn'] if resume else model.config.attn
-        return
-    cuda = 'cuda' in args.device
-    times = {attn: [] for attn in ['sparse', 'dense'] + ['flex'] * (cuda and not args.dropout)}
-    first = [to_device(data.collate(ds, unit_prompts(units[b], mode, args.n)), args.device) for _, b in schedule[:2]]
-    with torch.random.fork_rng(devices=[args.device] if cuda else []):
-        for attn in list(times) * 3:  # flex's first call compiles it: the median leaves that out
-            model.config.attn, t0 = attn, time.perf_counter()
-            for b in first:
-                with autocast(args.device):
-                    ctr_loss(model(b['idx'], b['block'], b['role']), b['label']).backward()
-            if cuda:
-                torch.cuda.synchronize()
-            times[attn].append(time.perf_counter() - t0)
-    model.zero_grad(set_to_none=True)
-    best = [min(times, key=lambda attn: np.median(times[attn]))]
-    if WORLD > 1:
-        dist.broadcast_object_list(best, src=0)  # every rank takes rank 0's choice
-    model.config.attn = best[0]
-    print('--attn auto, median seconds of two steps: ' + ', '.join(f'{a} {np.median(t):.3f}' for a, t in times.items()))
+    kept = f'the last good checkpoint is {last}' if folder and os.path.exists(last) else 'no checkpoint was written'
+    die(f'{what}; stopped, {kept}', code=1)
 
 
 def wrap(model, args):
@@ -1002,7 +990,8 @@ def warn(msg):
 def check_device(device, attn, dropout):
     """--device resolved (auto: cuda, else mps, else cpu) and checked, with what --attn needs of it."""
     if device == 'auto':
-        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+        device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else \
+            'cpu'
     try:
         kind = torch.device(device).type
     except RuntimeError:
@@ -1015,7 +1004,7 @@ def check_device(device, attn, dropout):
         die(f'--device {device}: no MPS device here')
     if attn == 'flex' and kind != 'cuda':
         die('--attn flex trains on CUDA only: FlexAttention has no backward on a CPU in torch 2.13 '
-            '(use --attn dense, sparse or auto)')
+            '(use --attn dense or sparse)')
     if attn == 'flex' and dropout:
         die('--attn flex has no dropout: use --dropout 0 or another --attn')
     return device
@@ -1104,7 +1093,7 @@ def print_table(header, rows):
     right-aligned, each as wide as its widest cell."""
     widths = [max(len(r[j]) for r in [header] + rows) for j in range(len(header))]
     for r in [header] + rows:
-        print('  '.join(cell.ljust(w) if j == 0 else cell.rjust(w) for j, (cell, w) in enumerate(zip(r, widths))))
+        print('  '.join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))))
 
 
 if __name__ == '__main__':

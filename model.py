@@ -164,7 +164,7 @@ def sparse_tiles(block, role, n, kind, n_head, slopes=None, tile=32):
         n_tiles = -(-int(count.max()) // tile)
         if n_tiles == 0:
             continue
-        order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)      # (B, T) the group's rows first
+        order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)      # (B, T) group's rows first
         qi = F.pad(order, (0, max(0, n_tiles * tile - T)))[:, :n_tiles * tile]   # (B, tiles*tile)
         ok = torch.arange(n_tiles * tile, device=block.device) < count[:, None]  # (B, tiles*tile) real slots
         qi, ok = qi.view(B, n_tiles, tile), ok.view(B, n_tiles, tile)          # (B, tiles, tile)
@@ -197,7 +197,7 @@ def sparse_attention(q, k, v, tiles, dropout_p=0.0):
         kt = k.index_select(2, g.keys.flatten()).view(B, nh * n_tiles, K, hs)  # (B, nh*tiles, K, hs)
         vt = v.index_select(2, g.keys.flatten()).view(B, nh * n_tiles, K, hs)  # (B, nh*tiles, K, hs)
         yt = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=g.mask, dropout_p=dropout_p)
-        slots = torch.where(g.real, g.rows, T)[:, None, :, None].expand(B, nh, -1, hs)  # (B, nh, tiles*tile, hs)
+        slots = torch.where(g.real, g.rows, T)[:, None, :, None].expand(B, nh, -1, hs)  # like qt, unsplit
         y = y.scatter(2, slots, yt.reshape(B, nh, -1, hs))                     # (B, nh, T+1, hs)
     return y[:, :, :T]                                                         # (B, nh, T, hs)
 
@@ -327,8 +327,9 @@ class GPT(nn.Module):
         if cfg.attn == 'flex':
             from torch.nn.attention.flex_attention import create_block_mask
             B, T = block.shape
-            rule = lambda b, h, q, k: pair_rules(block[b, q], role[b, q], q, block[b, k], role[b, k], k, cfg.n, cfg.mask)
-            return create_block_mask(rule, B, None, T, T, device=block.device)
+            return create_block_mask(lambda b, h, q, k: pair_rules(block[b, q], role[b, q], q, block[b, k],
+                                                                   role[b, k], k, cfg.n, cfg.mask),
+                                     B, None, T, T, device=block.device)
         i = torch.arange(block.size(1), device=block.device).expand_as(block)  # (B, T)
         return sdpa_mask(attention_mask(block, role, cfg.n, cfg.mask)[:, 0], i, i, self.slopes(block.device))
 
@@ -349,9 +350,10 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(torch.arange(T, device=idx.device))   # (B, T, C)
         x = self.transformer.drop(x)
         plan = self.attention_plan(block, role) if plan is None else plan
-        attend = (partial(sparse_attention, tiles=plan) if cfg.attn == 'sparse' else
-                  partial(flex_attention, block_mask=plan, slopes=self.slopes(x.device)) if cfg.attn == 'flex' else
-                  partial(F.scaled_dot_product_attention, attn_mask=plan))   # attend(q, k, v, dropout_p)
+        # attend(q, k, v, dropout_p): the dense reference, its fast twin over tiles, or FlexAttention
+        attend = (partial(F.scaled_dot_product_attention, attn_mask=plan) if cfg.attn == 'dense' else
+                  partial(sparse_attention, tiles=plan) if cfg.attn == 'sparse' else
+                  partial(flex_attention, block_mask=plan, slopes=self.slopes(x.device)))
         with sdpa_kernel(SDPA_BACKENDS):
             for layer in self.transformer.h:  # a transformer Block (GPT-2's name), not a block of tokens
                 x = layer(x, attend)                                           # (B, T, C)

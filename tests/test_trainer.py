@@ -164,30 +164,6 @@ def test_compare_is_one_run_computed_two_ways_under_isolated_alibi_only(tmp_path
     assert window['max_step_loss_diff'] > 1e-3
 
 
-@pytest.mark.parametrize('slowed,chosen', [('sparse_attention', 'dense'), ('attention_mask', 'sparse')])
-def test_attn_auto_trains_on_the_faster_path(slowed, chosen, monkeypatch):
-    """--attn auto times both exact paths on the run's first batches: slow one of them down and the
-    other is chosen; the timing leaves no gradient behind, the weights as they were, and the
-    random state that dropout draws from untouched."""
-    import time
-    import model as model_module
-    real = getattr(model_module, slowed)
-
-    def slow(*a, **kw):
-        time.sleep(0.05)
-        return real(*a, **kw)
-    monkeypatch.setattr(model_module, slowed, slow)
-    args = dti_minimal.parse_args(TINY + ['--max-train-targets', '300', '--attn', 'auto', '--dropout', '0.1'])
-    ds = dti_minimal.load_dataset(args)
-    units = dti_minimal.split_prompts(ds, 0, 'dti', args.n, 10, args.max_train_targets)[0]
-    schedule = [(0, b) for b in dti_minimal.batches(units, args.batch_size, np.random.default_rng(0))]
-    model = dti_minimal.build_model(args, 'dti', 0)
-    before, rng = {name: p.clone() for name, p in model.named_parameters()}, torch.get_rng_state()
-    dti_minimal.choose_path(model, ds, units, 'dti', args, schedule, None)
-    assert model.config.attn == chosen and torch.equal(torch.get_rng_state(), rng)
-    assert all(p.grad is None and torch.equal(p, before[name]) for name, p in model.named_parameters())
-
-
 def test_the_path_follows_the_paradigm_not_the_clock(tmp_path):
     """With no --attn a run trains on a path stated in one line (dense for SW, sparse for DTI), so
     two runs of the same command give the same step losses bit for bit."""
