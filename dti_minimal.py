@@ -870,9 +870,10 @@ def restore(ckpt, model, opt, n_steps):
                 if torch.is_tensor(v) and v.dim() and v.shape != p.shape:
                     raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter '
                                      f'of {tuple(p.shape)}')
-        records = [Step(float(s), int(t), float(loss), float(pad)) for s, t, loss, pad in ckpt['records']]
-        if not 0 < len(records) <= n_steps or not all(math.isfinite(r.loss) and r.targets for r in records):
-            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or a broken one')
+        records = [Step(*r) for r in ckpt['records']]
+        written = lambda r: [type(v) for v in r] == [float, int, float, float] and math.isfinite(r.loss) and r.targets
+        if not 0 < len(records) <= n_steps or not all(map(written, records)):
+            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or one no step writes')
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ValueError('non-finite weights')
         torch.set_rng_state(ckpt['rng']['torch'])

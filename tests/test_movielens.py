@@ -1,6 +1,8 @@
 """MovieLens loading on tiny fixture files written here, in every format the loader reads: the same
 interactions give the same data set, the CTR rules hold, and every bad input is one line, exit 2."""
 import csv
+import subprocess
+import sys
 import hashlib
 import json
 import os
@@ -11,7 +13,7 @@ import pytest
 
 import data
 import dti_minimal
-from conftest import as_lists, one_line_error
+from conftest import ROOT, as_lists, one_line_error
 
 # item id -> (title with year, genres); item 2 has a latin-1 title, item 5 no year
 ITEMS = {1: ('Toy Story (1995)', ['Animation', "Children's", 'Comedy']), 2: ('Misérables, Les (1995)', ['Drama', 'Musical']),
@@ -153,6 +155,12 @@ def cli_error(capsys, folder, dataset='ml-100k'):
     ('1\t2\t3\t1e400', "u.data line 3: timestamp '1e400' is not a finite number"),
     ('1\t2\tnan\t100', "u.data line 3: rating 'nan' is not a number in 1..5"),
     ('1\t77\t3\t100', 'u.data line 3: item 77 is not in'),
+    # ids are ASCII digits: Python's int() would read 1_0 as 10, and other scripts' digits too
+    ('1_0\t2\t3\t100', "u.data line 3: user id '1_0' is not a 64-bit integer"),
+    ('\u0661\u0662\t2\t3\t100', "u.data line 3: user id '\u0661\u0662' is not a 64-bit integer"),
+    ('1\t2\t3\t1_000', "u.data line 3: timestamp '1_000' is not a finite number"),
+    # GroupLens' older sets have whole stars only
+    ('1\t2\t3.5\t100', "u.data line 3: rating '3.5' is not a number in 1..5 (whole stars)"),
 ])
 def test_malformed_rating_lines(tmp_path, capsys, line, message):
     folder = write(tmp_path / 'g', 'grouplens', world())
@@ -385,3 +393,70 @@ def test_a_one_class_test_split_gives_null_auc_and_a_warning(tmp_path, capsys):
     res = json.loads((out / 'results.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in JSON'))
     assert res['test_auc'] is None and res['baseline_test_auc'] is None and 0 <= res['valid_auc'] <= 1
     assert res['test_logloss'] >= 0 and res['test_acc'] >= 0
+
+
+# -----------------------------------------------------------------------------
+# hostile input, round 2
+
+
+def test_a_repeated_rating_line_is_refused(tmp_path, capsys):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    lines = open(os.path.join(folder, 'u.data')).read().splitlines()
+    open(os.path.join(folder, 'u.data'), 'w').write('\n'.join(lines + [lines[4]]) + '\n')
+    assert f'u.data line {len(lines) + 1}: repeats line 5' in cli_error(capsys, folder)
+
+
+@pytest.mark.parametrize('flag', ['2', ''])
+def test_a_genre_flag_other_than_0_or_1_is_refused(tmp_path, capsys, flag):
+    folder = write(tmp_path / 'g', 'grouplens', world())
+    lines = open(os.path.join(folder, 'u.item'), encoding='latin-1').read().splitlines()
+    lines[3] = lines[3][:-1] + flag
+    open(os.path.join(folder, 'u.item'), 'w', encoding='latin-1').write('\n'.join(lines) + '\n')
+    assert f"u.item line 4: genre flag {flag!r} is not 0 or 1" in cli_error(capsys, folder)
+
+
+def test_a_header_only_ratings_file_is_one_line_and_nothing_else(tmp_path):
+    folder = write(tmp_path / 'r', 'recbole', world())
+    path = os.path.join(folder, 'ml-100k.inter')
+    header = open(path).read().splitlines()[0]
+    open(path, 'w').write(header + '\n')
+    r = subprocess.run([sys.executable, 'dti_minimal.py', '--dataset', 'ml-100k', '--data-dir', folder, '--out',
+                        str(tmp_path / 'out')], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr == f'dti_minimal.py: error: {path}: empty file\n', r.stderr
+
+
+def test_lines_split_on_newlines_only(tmp_path):
+    """A latin-1 title with byte 0x85 (an ellipsis in cp1252) or a form feed stays one line; a quoted
+    CSV title keeps its line break."""
+    items = {**ITEMS, 3: ('GoldenEye\x85 (1995)', ['Action']), 4: ('Seven\x0c (1995)', ['Crime'])}
+    ds = data.movielens('ml-100k', write(tmp_path / 'g', 'grouplens', world(), items))
+    assert 'GoldenEye\x85 (1995) | Action' in {t for u in range(13) for t in texts(ds, u)}
+    items = {**ITEMS, 3: ('Golden\nEye (1995)', ['Action'])}
+    ds = data.movielens('ml-20m', write(tmp_path / 'c', 'csv', world(), items))
+    assert 'Golden\nEye (1995) | Action' in {t for u in range(13) for t in texts(ds, u)}
+
+
+def test_a_huge_title_is_cut_and_counted(tmp_path, capsys):
+    """A 50 KB title would make every prompt that holds it 50 KB of tokens: item texts are cut to
+    data.MAX_TEXT_TOKENS tokens, and the statistics line says how many were."""
+    items = {**ITEMS, 3: ('Golden' * 10_000 + ' (1995)', ['Action'])}
+    folder = write(tmp_path / 'g', 'grouplens', world(n_users=30, length=30), items)
+    ds = data.movielens('ml-100k', folder)
+    assert np.diff(ds['token_start']).max() == data.MAX_TEXT_TOKENS and ds['cut'] == 1
+    res = dti_minimal.main(['--dataset', 'ml-100k', '--data-dir', folder, '--n', '3', '--k', '5', '--n-embd', '16',
+                            '--epochs', '1', '--out', str(tmp_path / 'out')])
+    assert res['targets_trained'] > 0 and '(1 item texts cut to 64 tokens)' in capsys.readouterr().out
+
+
+def test_resume_refuses_other_data(tmp_path, capsys):
+    """The checkpoint holds a fingerprint of the data set: resuming on a folder with other item
+    texts (a finished run, or one killed mid-way) is one line, and nothing is rewritten."""
+    flags = ['--dataset', 'ml-100k', '--n', '3', '--k', '5', '--n-embd', '16', '--epochs', '1']
+    a = write(tmp_path / 'a', 'grouplens', world(n_users=30, length=30))
+    b = write(tmp_path / 'b', 'grouplens', world(n_users=30, length=30), {**ITEMS, 3: ('Other (1990)', ['Drama'])})
+    out = tmp_path / 'out'
+    dti_minimal.main(flags + ['--data-dir', a, '--out', str(out)])
+    before = {name: (out / name).read_bytes() for name in ('ckpt.pt', 'results.json')}
+    err = one_line_error(capsys, flags + ['--data-dir', b, '--out', str(out), '--resume'])
+    assert "--resume: the data set differs from the checkpoint's (ml-100k has the fingerprint" in err
+    assert before == {name: (out / name).read_bytes() for name in ('ckpt.pt', 'results.json')}

@@ -27,7 +27,9 @@ def results(folder):
 
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path):
-    flags = TINY + ['--epochs', '2', '--ckpt-every', '5']
+    """With dropout, whose random state the checkpoint carries: the resumed run's step losses and
+    metrics are the uninterrupted run's, bit for bit."""
+    flags = TINY + ['--epochs', '2', '--ckpt-every', '5', '--dropout', '0.1']  # dropout draws from the RNG
     assert cli(*flags, '--out', str(tmp_path / 'whole')).returncode == 0
     killed = tmp_path / 'killed'
     p = subprocess.Popen([sys.executable, 'dti_minimal.py', *flags, '--out', str(killed)], cwd=ROOT,
@@ -54,6 +56,24 @@ def test_checkpoint_holds_the_whole_state_and_loads_safely(tmp_path):
     assert set(ckpt) == {'format', 'model', 'optimizer', 'records', 'rng', 'args', 'data', 'seed', 'done', 'attn'}
     assert set(ckpt['rng']) == {'torch', 'cuda'} and ckpt['args']['n_embd'] == 32 and ckpt['attn'] == 'sparse'
     assert len(ckpt['records']) == results(tmp_path)['steps'] and not list(tmp_path.glob('*.tmp'))
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--weight-decay', '1e300', '--batch-size', '20', '--ckpt-every', '1'], 'the weights are not finite after step 1'),
+    (['--lr', '1e9', '--max-train-targets', '20', '--batch-size', '20'], 'the trained model gives non-finite logits'),
+    (['--lr', '1e3'], 'the loss is nan at step'),
+])
+def test_diverging_runs_stop_in_one_line_and_never_save_non_finite_weights(flags, message, tmp_path):
+    """A weight decay that blows the weights up in one step, a learning rate whose model gives NaN
+    logits, or one whose loss turns NaN: one line (exit 1), nothing on stderr but it, and any
+    checkpoint on disk holds finite weights only."""
+    r = cli(*TINY, *flags, '--out', str(tmp_path))
+    assert r.returncode == 1 and r.stderr.count('\n') == 1 and message in r.stderr, r.stderr
+    if (tmp_path / 'ckpt.pt').exists():
+        assert all(torch.isfinite(w).all() for w in torch.load(tmp_path / 'ckpt.pt', weights_only=True)['model'].values())
+        if 'logits' in message:  # the run finished its steps: --resume goes straight to the same one line
+            again = cli(*TINY, *flags, '--out', str(tmp_path), '--resume')
+            assert again.returncode == 1 and again.stderr == r.stderr
 
 
 def test_a_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -138,6 +158,17 @@ BAD = [
     (['--out', ''], '--out must name a folder'),
     (['--out', '/proc/x'], 'output folder /proc/x cannot be written'),
     (['--attn', 'flex', '--device', 'cpu'], '--attn flex trains on CUDA only: FlexAttention has no backward on a CPU'),
+    # counts far beyond any plan, bounded once (BOUNDS): one line, not an overflow deep inside numpy
+    (['--k', str(10**20)], 'argument --k: must be at least 1 and at most 100000'),
+    (['--max-train-targets', str(10**20)], f'--max-train-targets must be at most 1000000000000, got {10**20}'),
+    (['--max-train-targets', str(2**63 - 8)], '--max-train-targets must be at most 1000000000000'),
+    (['--max-eval-targets', str(10**20)], '--max-eval-targets must be at most 1000000000000'),
+    (['--dataset', 'ml-100k', '--n', str(10**20)], f'--n must be at most 100000, got {10**20}'),
+    (['--seeds', '0'], '--seeds must be at least 1, got 0'),
+    (['--mode', 'bench', '--pos', 'learned'], 'a prompt of 3124 tokens is longer than --block-size 2048'),
+    (['--data-dir', '/tmp'], '--data-dir is for MovieLens; --dataset synthetic is generated here'),
+    (['--mode', 'bench', '--dataset', 'ml-100k', '--data-dir', '/tmp'], '--data-dir: --mode bench times a generated'),
+    (['--out', '/tmp/' + 'x' * 300], 'cannot be written'),  # a name too long for the file system
 ]
 
 
@@ -225,6 +256,12 @@ def _sgd_optimizer(c):
     c['optimizer'] = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1).state_dict()
 
 
+def _record(value):
+    def damage(c):
+        c['records'][1] = (*c['records'][1][:2], value, c['records'][1][3])
+    return damage
+
+
 @pytest.mark.parametrize('damage,message', [
     (lambda c: c.pop('optimizer'), "a damaged checkpoint ('optimizer' is missing or not a dict)"),
     (lambda c: c.update(seed='7'), "a damaged checkpoint ('seed' is missing or not a int)"),
@@ -233,7 +270,14 @@ def _sgd_optimizer(c):
     (_wrong_shape, 'does not fit this run (Error(s) in loading state_dict for GPT: size mismatch'),
     (_foreign_optimizer, 'does not fit this run (an optimizer state of shape (3, 3)'),
     (_sgd_optimizer, 'does not fit this run ('),
-], ids=['missing key', 'wrong type', 'no records', 'truncated weights', 'wrong shape', 'foreign AdamW', 'SGD'])
+    (lambda c: c['rng'].update(torch=[1, 2, 3]), 'does not fit this run ('),
+    (_record('0.5'), 'step records in a run of 3 steps, or one no step writes'),
+    (_record(None), 'step records in a run of 3 steps, or one no step writes'),
+    (_record(float('nan')), 'step records in a run of 3 steps, or one no step writes'),
+    (lambda c: c['model'].update({'transformer.ln_f.weight': c['model']['transformer.ln_f.weight'] * float('nan')}),
+     'does not fit this run (non-finite weights)'),
+], ids=['missing key', 'wrong type', 'no records', 'truncated weights', 'wrong shape', 'foreign AdamW', 'SGD',
+        'rng of another type', 'loss a string', 'loss None', 'loss NaN', 'NaN weights'])
 def test_a_damaged_checkpoint_is_one_line(damage, message, checkpoint_dir, tmp_path, capsys):
     ckpt = torch.load(checkpoint_dir / 'ckpt.pt', weights_only=True)
     damage(ckpt)
@@ -291,3 +335,81 @@ def test_compile_trains_end_to_end_without_graph_breaks_or_recompiles(tmp_path, 
     assert 'Graph break' not in r.stderr and 'Recompiling' not in r.stderr, r.stderr[-3000:]
     res = results(tmp_path)
     assert res['args']['compile'] and 0.5 < res['test_auc'] <= 1 and res['last_loss'] < res['first_loss']
+
+
+# -----------------------------------------------------------------------------
+# the output folder: one run at a time, never another run's checkpoint, a full disk
+
+
+def test_a_fresh_run_never_replaces_another_runs_checkpoint(checkpoint_dir, tmp_path, capsys):
+    """Other flags into a folder that holds a checkpoint: refused, naming --resume and --out; the
+    same flags: the run starts over (it recomputes the same run)."""
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    (folder / 'ckpt.pt').write_bytes((checkpoint_dir / 'ckpt.pt').read_bytes())
+    before = (folder / 'ckpt.pt').read_bytes()
+    err = one_line_error(capsys, TINY + ['--max-train-targets', '200', '--n-embd', '64', '--out', str(folder)])
+    assert 'holds another run (--n-embd 32, here 64); continue it with its flags and --resume, or pass another --out' in err
+    assert (folder / 'ckpt.pt').read_bytes() == before and sorted(os.listdir(folder)) == ['ckpt.pt']
+    (folder / 'ckpt.pt').write_bytes(b'someone else\'s file')
+    assert 'is not a checkpoint of this program; remove it or pass another --out' in one_line_error(
+        capsys, TINY + ['--out', str(folder)])
+    (folder / 'ckpt.pt').write_bytes(before)
+    assert dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(folder)])['steps'] > 0
+
+
+def test_one_run_holds_its_folder(tmp_path, capsys):
+    """A lock file whose run is alive refuses a second run in one line; a stale one (its process
+    gone) is taken over, and released when the run ends."""
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path / '.lock').write_text(str(sleeper.pid))
+        err = one_line_error(capsys, TINY + ['--max-train-targets', '200', '--out', str(tmp_path)])
+        assert f'{tmp_path} is in use by another run (pid {sleeper.pid}' in err and 'pass another --out' in err
+        assert sorted(os.listdir(tmp_path)) == ['.lock']
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(tmp_path)])  # the lock is stale now
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'results.json']
+
+
+def test_two_runs_started_together_on_one_folder(tmp_path):
+    """The race that once ended in FileNotFoundError on ckpt.pt.tmp: one run trains, the other
+    refuses in one line, and what is on disk is the first run's, whole."""
+    flags = [*TINY, '--ckpt-every', '1', '--out', str(tmp_path)]
+    runs = [subprocess.Popen([sys.executable, 'dti_minimal.py', *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = sorted((p.wait(timeout=600), p.stderr.read()) for p in runs)
+    (ok, _), (refused, err) = outcomes
+    assert ok == 0 and refused == 2 and err.count('\n') == 1 and 'is in use by another run' in err, outcomes
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'results.json']
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypatch):
+    saved, real = [], torch.save
+
+    def save(obj, path):
+        if saved:  # the second checkpoint: the disk is full half-way through the file
+            open(path, 'wb').write(b'half')
+            raise RuntimeError('[enforce fail at inline_container.cc] . PytorchStreamWriter failed writing file '
+                               'data/3: file write failed')
+        saved.append(path)
+        real(obj, path)
+    monkeypatch.setattr(torch, 'save', save)
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(TINY + ['--ckpt-every', '3', '--out', str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count('\n') == 1 and 'Traceback' not in err
+    assert f'cannot write {tmp_path / "ckpt.pt"} (' in err and 'file write failed); stopped, the previous' in err
+    assert sorted(os.listdir(tmp_path)) == ['ckpt.pt'] and len(torch.load(tmp_path / 'ckpt.pt')['records']) == 3
+
+
+def test_ctrl_c_while_the_modules_import_is_one_line(tmp_path):
+    p = subprocess.Popen([sys.executable, 'dti_minimal.py', '--out', str(tmp_path / 'out')], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # importing torch alone takes longer than this
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and err == 'dti_minimal.py: error: interrupted; nothing was written\n', err
+    assert not (tmp_path / 'out').exists()
