@@ -439,7 +439,8 @@ def paired_ci(ds, blocks, a, b, resamples=1000):
         w = np.stack(draws)[:, user]                                           # (R, N) its user's draws
         d = np.stack([weighted_auc(x, labels, w) - weighted_auc(y, labels, w) for x, y in zip(a, b)])  # (S,R)
         diffs.append(np.take_along_axis(d, rng.integers(0, len(a), d.shape), 0).mean(0))  # seeds drawn too
-    return [float(v) for v in np.percentile(np.concatenate(diffs), [2.5, 97.5])]
+    diffs = np.concatenate(diffs)  # NaN where a draw left one class out: AUC is undefined there
+    return [float(v) for v in np.nanpercentile(diffs, [2.5, 97.5])] if np.isfinite(diffs).any() else None
 
 # -----------------------------------------------------------------------------
 # main: --mode sw and --mode dti
@@ -466,8 +467,8 @@ def run(args, ds, mode, k, prepared, seed, init=None, save=None, resume=None, **
                 mean_targets_per_step=targets / len(records), time_per_target_ms=1000 * seconds / targets,
                 median_time_per_target_ms=median_ms_per_target(records),
                 flops_per_target=flops_per_target(ds, prompts, cfg), 
-                padding=np.mean([r.padding for r in records]),
-                first_loss=np.mean(loss[:10]), last_loss=np.mean(loss[-10:]), step_loss=loss,
+                padding=float(np.mean([r.padding for r in records])),  # plain floats: the checkpoint holds them
+                first_loss=float(np.mean(loss[:10])), last_loss=float(np.mean(loss[-10:])), step_loss=loss,
                 **res, bayes_auc=res.get('test_bayes_auc'))
 
 

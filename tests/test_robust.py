@@ -50,6 +50,26 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path):
         assert a[key] == b[key], (key, a[key], b[key])
 
 
+def test_resume_with_seeds_continues_the_seed_it_was_killed_in(tmp_path):
+    """--seeds 2: the checkpoint holds the finished seed's results; a run killed in the second
+    seed and resumed writes the results.json of an uninterrupted run, both seeds bit for bit."""
+    flags = TINY + ['--seeds', '2', '--ckpt-every', '5']
+    assert cli(*flags, '--out', str(tmp_path / 'whole')).returncode == 0
+    killed = tmp_path / 'killed'
+    p = subprocess.Popen([sys.executable, 'dti_minimal.py', *flags, '--out', str(killed)], cwd=ROOT,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while p.poll() is None and not ((killed / 'ckpt.pt').exists() and torch.load(killed / 'ckpt.pt')['seed'] == 1):
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    ckpt = torch.load(killed / 'ckpt.pt', weights_only=True)
+    assert ckpt['seed'] == 1 and len(ckpt['done']) == 1 and not (killed / 'results.json').exists()
+    assert cli(*flags, '--out', str(killed), '--resume').returncode == 0
+    a, b = results(tmp_path / 'whole'), results(killed)
+    assert a['test_auc_seeds'] == b['test_auc_seeds'] and len(set(a['test_auc_seeds'])) == 2
+    assert a['baseline_diff_ci'] == b['baseline_diff_ci'] and a['test_auc'] == a['test_auc_seeds'][0]
+
+
 def test_checkpoint_holds_the_whole_state_and_loads_safely(tmp_path):
     assert cli(*TINY, '--ckpt-every', '7', '--out', str(tmp_path)).returncode == 0
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)

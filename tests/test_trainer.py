@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import data
 import dti_minimal
@@ -173,10 +174,11 @@ def test_the_path_follows_the_paradigm_not_the_clock(tmp_path):
 
 
 def test_ablation_trains_every_row_from_the_same_weights_and_writes_ablation_json(tmp_path):
-    res = dti_minimal.main(TINY + ['--mode', 'ablation', '--k', '2,10', '--max-train-targets', '300',
+    res = dti_minimal.main(TINY + ['--mode', 'ablation', '--k', '2,10', '--max-train-targets', '300', '--seeds', '2',
                                    '--eval-mode', 'dti', '--out', str(tmp_path)])
     saved = json.loads((tmp_path / 'ablation.json').read_text())
     assert saved == json.loads(json.dumps(res)) and 0.5 < saved['bayes_auc'] < 1
+    assert saved['seeds'] == 2 and saved['reference'] == 'SW, standard'
     rows = saved['rows']
     assert [(r['name'], r['k']) for r in rows] == [
         ('SW, standard', None), ('SW, isolated', None), ('DTI, naive', 2), ('DTI, naive', 10),
@@ -187,7 +189,12 @@ def test_ablation_trains_every_row_from_the_same_weights_and_writes_ablation_jso
                     'test_logloss_stream', 'valid_auc_sw', 'valid_auc_stream', 'train_seconds',
                     'median_time_per_target_ms', 'speedup', 'attn'):
             assert key in r, (r['name'], key)
+        for way in ('sw', 'stream'):
+            seeds = r[f'test_auc_{way}_seeds']
+            assert len(seeds) == 2 and r[f'test_auc_{way}_mean'] == r[f'test_auc_{way}'] == pytest.approx(np.mean(seeds))
+            assert r[f'test_auc_{way}_std'] == pytest.approx(np.std(seeds)) and len(r[f'test_auc_{way}_diff_ci']) == 2
         assert r['targets_trained'] == rows[0]['targets_trained']
+    assert rows[0]['test_auc_sw_diff_ci'] == rows[0]['test_auc_stream_diff_ci'] == [0.0, 0.0]  # itself
     assert rows[0]['mask'] == 'window' and rows[0]['speedup'] == 1.0
     assert [r['pos'] for r in rows[2:]] == ['learned'] * 2 + ['alibi'] * 2 + ['learned'] * 2 + ['alibi'] * 2
     isolated, both = rows[1], rows[-1]
@@ -196,7 +203,45 @@ def test_ablation_trains_every_row_from_the_same_weights_and_writes_ablation_jso
     assert abs(both['test_auc_sw'] - isolated['test_auc_sw']) < 1e-4
     # and isolated + ALiBi models score a target the same on its SW prompt as in a stream
     for r in (isolated, both, rows[-2]):
-        assert abs(r['test_auc_sw'] - r['test_auc_stream']) < 1e-5 and abs(r['test_logloss_sw'] - r['test_logloss_stream']) < 1e-5
+        assert abs(r['test_auc_sw'] - r['test_auc_stream']) < 1e-5
+        assert abs(r['test_logloss_sw'] - r['test_logloss_stream']) < 1e-5
+
+
+def test_compare_with_seeds_gives_an_interval_that_holds_zero_for_one_run_computed_two_ways(tmp_path):
+    res = dti_minimal.main(TINY + ['--mode', 'compare', '--max-train-targets', '600', '--seeds', '2',
+                                   '--out', str(tmp_path)])
+    saved = json.loads((tmp_path / 'compare.json').read_text())
+    assert len(saved['sw_test_auc_seeds']) == len(saved['dti_test_auc_seeds']) == 2
+    assert saved['sw_test_auc_seeds'][0] != saved['sw_test_auc_seeds'][1]  # the seed moves weights and batches
+    lo, hi = saved['test_auc_diff_ci']
+    assert lo <= 0 <= hi and hi - lo < 1e-3, (lo, hi)
+    assert res['sweep'][0]['test_auc_diff_ci'] == saved['test_auc_diff_ci']
+
+
+def test_weighted_auc_is_roc_auc_under_unit_and_integer_weights(rng):
+    scores = np.round(rng.normal(size=300), 1)  # many ties
+    labels = (rng.random(300) < 0.4).astype(np.int64)
+    assert dti_minimal.weighted_auc(scores, labels, np.ones((1, 300)))[0] == pytest.approx(roc_auc_score(labels, scores))
+    w = rng.integers(0, 3, 300)  # a weight of 2 is the target twice
+    again = np.repeat(np.arange(300), w)
+    assert dti_minimal.weighted_auc(scores, labels, w[None].astype(float))[0] == pytest.approx(
+        roc_auc_score(labels[again], scores[again]))
+
+
+def test_the_bootstrap_draws_users_not_targets(rng):
+    """The same targets, scores and labels as 300 users of one target each, and as one user who
+    holds them all: drawing users, the one-user data set is drawn whole every time, so its interval
+    is the observed difference itself (width 0), while single targets give a real spread. A model
+    against itself is exactly [0, 0]; a model far better everywhere excludes 0."""
+    labels = (rng.random(300) < 0.5).astype(np.int64)
+    a, b = labels + rng.normal(0, 2.0, 300), labels + rng.normal(0, 1.0, 300)
+    blocks, blocks_of = np.arange(300), [([1], int(y)) for y in labels]
+    singles, one_user = from_histories([[blk] for blk in blocks_of]), from_histories([blocks_of])
+    lo, hi = dti_minimal.paired_ci(singles, blocks, b, a)
+    assert 0 < lo < hi  # b is better, and the targets' draws spread the difference
+    observed = roc_auc_score(labels, b) - roc_auc_score(labels, a)
+    assert dti_minimal.paired_ci(one_user, blocks, b, a) == pytest.approx([observed, observed], abs=1e-12)
+    assert dti_minimal.paired_ci(one_user, blocks, a, a) == dti_minimal.paired_ci(singles, blocks, a, a) == [0.0, 0.0]
 
 
 def test_max_eval_targets_scores_the_first_targets_of_valid_and_test(tmp_path):
