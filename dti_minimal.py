@@ -17,9 +17,10 @@ Words used throughout:
     plan      a batch's attention plan: who sees whom, worked out once for all layers
     schedule  the run's steps, (epoch, units of the batch), drawn up front from the seed
 
-Top to bottom: flags, data, training, evaluation, main (all that --mode sw and dti run); below
-the divider: experiments (compare, ablation, bench), long runs (checkpoints, torchrun, CUDA),
-plumbing.
+Top to bottom: flags, data, training, evaluation, main: the path of --mode sw and dti. Below the
+divider: experiments (compare, ablation, bench), then the helpers the loop calls by name for long
+runs (checkpoints, torchrun, CUDA, timing) and plumbing. `block_size` (nanoGPT's name) counts
+tokens; `label` is a block's 0/1 click, in a batch -1 where no loss is taken.
 """
 import sys
 
@@ -51,6 +52,7 @@ except KeyboardInterrupt:
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m']
 PATH_RULE = dict(sw='dense', dti='sparse')  # each paradigm's attention path: the faster one for it on a CPU
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them)
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # bf16 dense peaks of the datasheets, for MFU
 
 # -----------------------------------------------------------------------------
 # flags
@@ -90,7 +92,7 @@ def parse_args(argv=None):
         'sparse for DTI streams; --mode bench times them); flex: FlexAttention, CUDA only')
     # training
     add('--epochs', type=int, default=4, help='passes over the training targets')
-    add('--batch-size', type=int, default=256, help='targets per optimizer step, both paradigms')
+    add('--batch-size', type=int, default=256, help='at least this many targets a step (whole units)')
     add('--lr', type=float, default=3e-3, help='peak learning rate (AdamW; warm-up, then cosine decay)')
     add('--weight-decay', type=float, default=0.01, help='AdamW weight decay of matrices and embeddings')
     add('--seed', type=int, default=0, help='model init and batch order (the data is fixed)')
@@ -238,9 +240,10 @@ def eval_prompts(args, ds, mode, k):
             for split, name in ((1, 'valid'), (2, 'test'))}
 
 
-def prepare(args, ds, mode, k, evals):
-    """(train units, evals) of one run, or a one-line error before any work. The units are the
-    train targets as streams of k; an SW step trains on the SW prompts of its batch's units."""
+def prepare(args, ds, mode, k, evals, pos=None):
+    """(train units, evals) of one run (whose positions are `pos`, by default --pos), or a one-line
+    error before any work. The units are the train targets as streams of k; an SW step trains on
+    the SW prompts of its batch's units."""
     units = split_prompts(ds, 0, 'dti', args.n, k, args.max_train_targets)[0]
     if not len(units) or not all(len(prompts) for prompts, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
@@ -249,7 +252,9 @@ def prepare(args, ds, mode, k, evals):
             f'before step 1, more than 10000000')
     longest = max(int(data.prompt_tokens(ds, p).max()) for p in [unit_prompts(units, mode, args.n)]
                   + [p for p, _ in evals.values()])
-    if args.pos == 'learned' and longest > args.block_size:
+    multiple = 128 if 'cuda' in args.device or args.compile else 1  # what make_batch pads a batch to
+    longest = -(-longest // multiple) * multiple
+    if (pos or args.pos) == 'learned' and longest > args.block_size:
         die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
     return units, evals
 
@@ -283,7 +288,7 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
     """AdamW on BCE at target [SUM]s over `units` of `ds`, SW prompts or DTI streams by `mode`.
     The schedule is drawn up front from `seed`; `resume` (a checkpoint) continues at its step;
     save(state) is called every --ckpt-every steps and at the end. Returns one Step per step; the
-    clock covers the batch, its plan, forward, backward and the update."""
+    clock covers the batch and its plan (on CUDA: waiting for them), forward, backward, update."""
     rng = np.random.default_rng(seed)
     schedule = [(epoch, b) for epoch in range(args.epochs) for b in batches(units, args.batch_size, rng)]
     opt = model.configure_optimizers(args.weight_decay, args.lr)
@@ -383,6 +388,7 @@ def evaluate(model, ds, evals, device):
         labels, logits = data.target_labels(ds, prompts), predict(model, ds, prompts, device)
         res.update({f'{name}_{key}': v for key, v in metrics(logits, labels).items()})
         res[f'{name}_targets'] = len(labels)
+        # the AUC of the true probabilities (metrics' sigmoid keeps their order); None on real data
         res[f'{name}_bayes_auc'] = metrics(prob, labels)['auc'] if np.isfinite(prob).all() else None
         if name.startswith('test'):
             res[f'{name}_logits'] = logits.tolist()
@@ -459,15 +465,20 @@ def run(args, ds, mode, k, prepared, seed, init=None, save=None, resume=None, **
           f'{model.config.attn} attention')
     records = train(model, ds, units, mode, args, seed, f'train {mode}', save, resume)
     targets, seconds = sum(r.targets for r in records), sum(r.seconds for r in records)
+    flops, cfg, loss = flops_per_target(ds, prompts, model.config), model.config, [r.loss for r in records]
+    peak = next((v for gpu, v in PEAK_FLOPS.items() if 'cuda' in args.device and gpu in
+                 torch.cuda.get_device_name(args.device)), None)  # one GPU's model FLOP/s over its peak: MFU
+    if peak:
+        print(f'{mode}: {flops * targets / seconds / WORLD / 1e12:.1f} TFLOP/s of model FLOPs per GPU, '
+              f'MFU {flops * targets / seconds / WORLD / peak:.1%}')
     res = evaluate(model, ds, evals, args.device)
-    cfg, loss = model.config, [r.loss for r in records]
     return dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=cfg.mask, pos=cfg.pos, attn=cfg.attn,
                 n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=seed,
                 targets_trained=targets, train_seconds=seconds, steps=len(records),
                 mean_targets_per_step=targets / len(records), time_per_target_ms=1000 * seconds / targets,
                 median_time_per_target_ms=median_ms_per_target(records),
-                flops_per_target=flops_per_target(ds, prompts, cfg), 
-                padding=float(np.mean([r.padding for r in records])),  # plain floats: the checkpoint holds them
+                flops_per_target=flops, mfu=flops * targets / seconds / WORLD / peak if peak else None,
+                padding=float(np.mean([r.padding for r in records])),  # plain floats: checkpoints hold them
                 first_loss=float(np.mean(loss[:10])), last_loss=float(np.mean(loss[-10:])), step_loss=loss,
                 **res, bayes_auc=res.get('test_bayes_auc'))
 
@@ -506,7 +517,8 @@ def train_and_report(args, ckpt=None):
                  for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test'))])
     print(f'test LR: the non-neural baseline, {BASELINE}')
     if args.seeds > 1:
-        print(f"over {args.seeds} seeds: test AUC {seeds_cell(res['test_auc_seeds'])}, "
+        print(f"(valid and test above: seed {args.seed}) over {args.seeds} seeds: test AUC "
+              f"{seeds_cell(res['test_auc_seeds'])}, "
               f"LogLoss {seeds_cell(res['test_logloss_seeds'])}")
     diff = difference(res['test_auc_mean'], res['baseline_test_auc'], res['baseline_diff_ci'])
     print(f"test AUC minus LR's: {diff} (95% interval, a bootstrap over test users"
@@ -564,7 +576,7 @@ def compare(args, ds):
     sw = runs.pop(('sw', args.ks[0]))
     s, logits = sw[0], lambda rs: [r['test_logits'] for r in rs]
     first = lambda rs, prefix: {f'{prefix}_{key}': rs[0][key] for key in (
-        'flops_per_target', 'train_seconds', 'padding', 'attn', 'steps', 'step_loss')}
+        'flops_per_target', 'mfu', 'train_seconds', 'padding', 'attn', 'steps', 'step_loss')}
     mean = lambda rs, prefix: {f'{prefix}_test_{m}': float(np.mean([r[f'test_{m}'] for r in rs]))
                                for m in ('auc', 'logloss', 'f1')}
     ms = lambda rs: rs[0]['median_time_per_target_ms']
@@ -606,6 +618,9 @@ def print_compare(res, path):
                    for r in res['sweep']]
                 + [['test LR', *(num(res[f'baseline_test_{m}']) for m in ('auc', 'logloss', 'f1')), '', '']])
     print(f'test LR: {BASELINE}; the interval: a paired bootstrap over test users and seeds')
+    if res['seeds'] == 1 and len(res['sweep']) > 1:
+        print(f"with one seed an interval holds the test set's noise only: DTI at k != {res['k']} trains on "
+              f"other steps than SW, so training noise comes on top (--seeds N draws it too)")
     print(f"largest difference of SW's and DTI k={res['k']}'s loss at the same step: "
           f"{res['max_step_loss_diff']:.2e}")
     print(f'wrote {path}')
@@ -632,15 +647,16 @@ def ablation(args, ds):
                  for split, p in eval_prompts(args, ds, mode, k).items()} for k in args.ks}
     rows = [dict(name=name, mode=mode, mask=mask, pos=pos or args.pos, k=None if mode == 'sw' else k)
             for name, mode, mask, pos in ABLATION for k in ([K] if mode == 'sw' else args.ks)]
-    prepared = {(r['mode'], r['k']): prepare(args, ds, r['mode'], r['k'] or K, evals[r['k'] or K])
-                for r in rows}
+    key = lambda r: (r['mode'], r['k'], r['pos'])
+    prepared = {key(r): prepare(args, ds, r['mode'], r['k'] or K, evals[r['k'] or K], r['pos']) for r in rows}
     lock(args.out)
     for seed in range(args.seed, args.seed + args.seeds):
         init = build_model(args, 'sw', seed, pos='learned').state_dict()
         for r in rows:
             print(f"\n{r['name']}: --mode {r['mode']} --mask {r['mask']} --pos {r['pos']} --k {r['k'] or K}")
-            r.setdefault('runs', []).append(run(args, ds, r['mode'], r['k'] or K, prepared[r['mode'], r['k']],
-                                                seed, init, mask=r['mask'], pos=r['pos']))
+            runs = r.setdefault('runs', [])
+            runs.append(run(args, ds, r['mode'], r['k'] or K, prepared[key(r)], seed, init, mask=r['mask'],
+                            pos=r['pos']))
     ref, sw_rows = rows[0]['runs'], {r['mask']: r['runs'] for r in rows if r['mode'] == 'sw'}
     logits = lambda runs, way: [x[f'test_{way}_logits'] for x in runs]
     for r in rows:
@@ -682,7 +698,8 @@ def print_ablation(res, path):
                     for m in ('auc', 'logloss')),
                   f"{r['train_seconds']:.1f}", f"{r['median_time_per_target_ms']:.3f}",
                   f"{r['speedup']:.1f}x"] for r in rows])
-    print(f"\ntest AUC minus {res['reference']}'s, with its paired 95% interval (over test users and seeds)")
+    print(f"\ntest AUC minus {res['reference']}'s, with its paired 95% interval (over test users and seeds"
+          f"{'' if res['seeds'] > 1 else '; with one seed it holds no training noise'})")
     print_table(['', 'k', 'scored on SW prompts', 'scored on streams'],
                 [[r['name'], str(r['k'] or ''), *(difference(r[f'test_auc_{w}'], rows[0][f'test_auc_{w}'],
                                                   r[f'test_auc_{w}_diff_ci']) for w in ('sw', 'stream'))]
@@ -728,7 +745,8 @@ def bench(args):
             f"(learned positions)")
     lock(args.out)
     cuda = 'cuda' in args.device
-    models = {a: build_model(args, 'dti', args.seed, attn=a) for a in ['sparse', 'dense', 'flex'][:2 + cuda]}
+    paths = ['sparse', 'dense'] + ['flex'] * (cuda and not args.dropout)  # FlexAttention has no dropout
+    models = {a: build_model(args, 'dti', args.seed, attn=a) for a in paths}
     times = {attn: [] for attn in models}
 
     def step(model):
@@ -801,13 +819,13 @@ SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoin
 RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs',  # what a resumed
             'max_train_targets', 'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn']  # run keeps
 CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict, data=str, seed=int,
-                  done=list, attn=str)
+                  done=list)
 
 
 def save_checkpoint(folder, state):
     """DIR/ckpt.pt: what training needs to go on (weights, AdamW's state, the step records, the
     random state dropout draws from) and which run it is (args, the data set's fingerprint, the
-    seed, finished seeds' results, the attention path). Never with non-finite weights; written to a
+    seed, finished seeds' results). Never with non-finite weights; written to a
     temporary file, then renamed; a failed write stops the run and keeps the previous one."""
     model, path = state['model'], os.path.join(folder, 'ckpt.pt')
     check_weights(model, len(state['records']), state['epoch'], folder)
@@ -817,7 +835,7 @@ def save_checkpoint(folder, state):
         if not RANK:
             torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(),
                             optimizer=state['optimizer'].state_dict(),
-                            records=[tuple(r) for r in state['records']], rng=rng, attn=model.config.attn,
+                            records=[tuple(r) for r in state['records']], rng=rng,
                             **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
             os.replace(path + '.tmp', path)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
@@ -872,9 +890,11 @@ def restore(ckpt, model, opt, n_steps):
                     raise ValueError(f'an optimizer state of shape {tuple(v.shape)} for a parameter '
                                      f'of {tuple(p.shape)}')
         records = [Step(*r) for r in ckpt['records']]
-        written = lambda r: [type(v) for v in r] == [float, int, float, float] and math.isfinite(r.loss) and r.targets
+        written = lambda r: [type(v) for v in r] == [float, int, float, float] and math.isfinite(r.loss) \
+            and r.targets
         if not 0 < len(records) <= n_steps or not all(map(written, records)):
-            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or one no step writes')
+            raise ValueError(f'{len(records)} step records in a run of {n_steps} steps, or one no step '
+                             f'writes')
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ValueError('non-finite weights')
         torch.set_rng_state(ckpt['rng']['torch'])
@@ -910,7 +930,8 @@ def check_weights(model, step, epoch, folder):
 def stop(what, folder):
     """A run that went wrong: one line (exit 1) saying what, and which checkpoint is good."""
     last = os.path.join(folder or '', 'ckpt.pt')
-    kept = f'the last good checkpoint is {last}' if folder and os.path.exists(last) else 'no checkpoint was written'
+    kept = 'no checkpoint was written' if not (folder and os.path.exists(last)) else \
+        f'the last good checkpoint is {last}'
     die(f'{what}; stopped, {kept}', code=1)
 
 

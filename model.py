@@ -1,14 +1,14 @@
 """
 A nanoGPT-shaped decoder for CTR prediction with Dynamic Target Isolation masks.
 
-The model never sees absolute time: a prompt (SW) or a stream (DTI) arrives as token ids plus two
+The model never sees timestamps: a prompt (SW) or a stream (DTI) arrives as token ids plus two
 per-token arrays, `block` (the index of the token's block, i.e. its interaction, inside the
 prompt) and `role` (TEXT, SUM, LABEL or PAD). `attention_mask` turns those two arrays into
 who-may-see-whom, and the CTR logit of a block is read at its [SUM] token through the tied
 embeddings of <|yes|> and <|no|>.
 
-Reading order: attention_mask (the rules), ALiBi, GPT.forward; then sparse_tiles, the fast twin
-of the dense mask that DTI streams train on.
+Reading order: pair_rules and attention_mask (the rules), ALiBi, GPT.forward; then sparse_tiles,
+the fast twin of the dense mask that DTI streams train on.
 """
 import math
 from dataclasses import dataclass
@@ -75,9 +75,9 @@ def allowed_pairs(qb, qr, qi, kb, kr, ki, n, kind):
 def attention_mask(block, role, n, kind):
     """(B, T) block and role -> (B, 1, T, T) bool, True where query q may attend key k.
 
-    Both masks share three rules: nothing attends another block's [SUM] ([SUM] reads, it is never
-    read), nothing but a PAD query itself attends PAD, and a PAD query sees itself only (so no
-    row is fully masked). Below, n=1 and blocks of two text tokens t, then S=[SUM], L=label:
+    Both masks share three rules: no token but a [SUM] itself reads a [SUM] ([SUM] reads, it is
+    never read), nothing but a PAD query itself attends PAD, and a PAD query sees itself only (so
+    no row is fully masked). Below, n=1 and blocks of two text tokens t, then S=[SUM], L=label:
 
     window: causal, and at most n blocks back        isolated: text/label see their own block,
             (DTI's windowed causal attention)                 [SUM] gathers the window
@@ -156,15 +156,16 @@ def sparse_tiles(block, role, n, kind, n_head, slopes=None, tile=32):
     the tile's older blocks, another block's [SUM]). One SDPA call computes every tile of a group."""
     B, T = block.shape
     mono = torch.where(role == PAD, block.max() + n + 2, block).contiguous()  # (B, T) non-decreasing
-    real = role != PAD
-    groups = [(real & (role == SUM), n), (real & (role != SUM), 0)] if kind == 'isolated' else [(real, n)]
+    nonpad = role != PAD
+    groups = [(nonpad & (role == SUM), n), (nonpad & (role != SUM), 0)] if kind == 'isolated' else \
+        [(nonpad, n)]
     tiles = []
-    for rows, reach in groups:
-        count = rows.sum(1)                                                    # (B,)
+    for in_group, reach in groups:
+        count = in_group.sum(1)                                                # (B,)
         n_tiles = -(-int(count.max()) // tile)
         if n_tiles == 0:
             continue
-        order = torch.argsort((~rows).to(torch.uint8), dim=1, stable=True)      # (B, T) group's rows first
+        order = torch.argsort((~in_group).to(torch.uint8), dim=1, stable=True)  # (B, T) group's rows first
         qi = F.pad(order, (0, max(0, n_tiles * tile - T)))[:, :n_tiles * tile]   # (B, tiles*tile)
         ok = torch.arange(n_tiles * tile, device=block.device) < count[:, None]  # (B, tiles*tile) real slots
         qi, ok = qi.view(B, n_tiles, tile), ok.view(B, n_tiles, tile)          # (B, tiles, tile)
@@ -208,7 +209,8 @@ def flex_attention(q, k, v, block_mask, slopes=None, dropout_p=0.0):
     score_mod adding -slope_h * (q - k). Compiled into one fused kernel on CUDA; elsewhere the eager
     reference runs, which torch 2.13 supports for inference only. It has no dropout."""
     from torch.nn.attention import flex_attention as fa
-    assert not dropout_p, 'FlexAttention has no dropout'
+    if dropout_p:
+        raise ValueError('FlexAttention has no dropout')
     score_mod = None if slopes is None else (lambda score, b, h, qi, ki: score - slopes[h] * (qi - ki))
     run = compiled(fa.flex_attention) if q.device.type == 'cuda' else fa.flex_attention
     return run(q, k, v, score_mod=score_mod, block_mask=block_mask)            # (B, nh, T, hs)
@@ -222,15 +224,15 @@ compiled = cache(torch.compile)  # one compiled kernel per function and process
 
 def training_flops(config, block, role):
     """Analytic training FLOPs of one batch ((B, T) block and role) under `config`, the way
-    nanoGPT's and nanochat's estimates count them: a forward layer costs 24*T*C^2 in its
+    nanoGPT's and nanochat's estimates count them: a forward layer costs 24*C^2 per token in its
     projections and MLP (qkv 6, output 2, MLP 16) and 4*C per query-key pair the mask allows (QK^T
-    and AV); the read-out costs 2*T*C; backward = 2x forward, so training = 3x. T counts real
-    tokens only. Layer norms, softmax, embeddings and the optimizer are left out."""
+    and AV); the read-out costs 2*C per token; backward = 2x forward, so training = 3x. Only real
+    tokens count. Layer norms, softmax, embeddings and the optimizer are left out."""
     C, L = config.n_embd, config.n_layer
     real = role != PAD                                                         # (B, T)
     pairs = int((attention_mask(block, role, config.n, config.mask)[:, 0] & real[:, :, None]).sum())
-    T = int(real.sum())
-    return 3 * (L * (24 * T * C * C + 4 * pairs * C) + 2 * T * C)
+    tokens = int(real.sum())                                                   # over the batch
+    return 3 * (L * (24 * tokens * C * C + 4 * pairs * C) + 2 * tokens * C)
 
 # -----------------------------------------------------------------------------
 # the decoder

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from sklearn.metrics import roc_auc_score
 
-import torch
 
 import data
 from conftest import as_lists, dti_streams, from_histories, random_history, sw_prompts
@@ -145,7 +144,7 @@ def test_synthetic_is_learnable_split_by_time_and_canaries_plant_what_they_say(s
             assert decode(v[t][0]) == decode(u[t][0]) + data.MARKS[u[t - 1][1]]
 
     (far, _, far_prob, _), n = as_lists(small_synthetic['far']), 5
-    agree, total, bound = 0, 0, []
+    agree, total = 0, 0
     for blocks, prob in zip(far, far_prob):
         marks = [data.MARKS.index(' | ' + decode(t).rsplit(' | ', 1)[1]) for t, _ in blocks]
         for t in range(n + 1, len(blocks)):

@@ -1,14 +1,13 @@
 """attention_mask against a brute-force double loop over the mask rules, as README "How it works"
 states them, one (query, key) pair at a time."""
 import numpy as np
-import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
 import data
 import model
 from data import LABEL, PAD, SUM, TEXT
-from conftest import dti_streams, pad, prompt_arrays, from_histories, sw_prompts
+from conftest import dti_streams, from_histories, pad, prompt_arrays, sw_prompts
 from model import attention_mask
 
 
