@@ -183,6 +183,7 @@ BAD = [
     (['--max-train-targets', str(10**20)], f'--max-train-targets must be at most 1000000000000, got {10**20}'),
     (['--max-train-targets', str(2**63 - 8)], '--max-train-targets must be at most 1000000000000'),
     (['--max-eval-targets', str(10**20)], '--max-eval-targets must be at most 1000000000000'),
+    (['--max-eval-targets', str(2**63 - 8)], '--max-eval-targets must be at most 1000000000000'),
     (['--dataset', 'ml-100k', '--n', str(10**20)], f'--n must be at most 100000, got {10**20}'),
     (['--seeds', '0'], '--seeds must be at least 1, got 0'),
     (['--mode', 'bench', '--pos', 'learned'], 'a prompt of 3124 tokens is longer than --block-size 2048'),
@@ -276,9 +277,11 @@ def _sgd_optimizer(c):
     c['optimizer'] = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1).state_dict()
 
 
-def _record(value):
+def _record(value, field=2):  # field 2: the loss, 1: the step's target count
     def damage(c):
-        c['records'][1] = (*c['records'][1][:2], value, c['records'][1][3])
+        record = list(c['records'][1])
+        record[field] = value
+        c['records'][1] = tuple(record)
     return damage
 
 
@@ -294,10 +297,11 @@ def _record(value):
     (_record('0.5'), 'step records in a run of 3 steps, or one no step writes'),
     (_record(None), 'step records in a run of 3 steps, or one no step writes'),
     (_record(float('nan')), 'step records in a run of 3 steps, or one no step writes'),
+    (_record(0, field=1), 'step records in a run of 3 steps, or one no step writes'),
     (lambda c: c['model'].update({'transformer.ln_f.weight': c['model']['transformer.ln_f.weight'] * float('nan')}),
      'does not fit this run (non-finite weights)'),
 ], ids=['missing key', 'wrong type', 'no records', 'truncated weights', 'wrong shape', 'foreign AdamW', 'SGD',
-        'rng of another type', 'loss a string', 'loss None', 'loss NaN', 'NaN weights'])
+        'rng of another type', 'loss a string', 'loss None', 'loss NaN', 'no targets', 'NaN weights'])
 def test_a_damaged_checkpoint_is_one_line(damage, message, checkpoint_dir, tmp_path, capsys):
     ckpt = torch.load(checkpoint_dir / 'ckpt.pt', weights_only=True)
     damage(ckpt)
