@@ -232,8 +232,8 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
     """A synthetic CTR data set whose best possible leak-free AUC is known.
 
     Items have a made-up title, a genre and a popularity (the summed appeal of the two title
-    words over sqrt(2), so that it can be read from the text). What a user watches follows a genre taste that
-    drifts as a random walk. Whether the user clicks depends only on what the target's window
+    words over sqrt(2), so that it can be read from the text). What a user watches follows a
+    genre taste that drifts as a random walk. Whether the user clicks depends only on what the target's window
     shows, its own text and the n blocks before it with their labels:
         logit = pop_weight * popularity(title) + genre_weight * appeal(genre)
               + mood_weight * mean(+1 liked / -1 not liked) over the n window blocks
