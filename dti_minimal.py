@@ -22,32 +22,45 @@ divider: experiments (compare, ablation, bench), then the helpers the loop calls
 runs (checkpoints, torchrun, CUDA, timing) and plumbing. `block_size` (nanoGPT's name) counts
 tokens; `label` is a block's 0/1 click, in a batch -1 where no loss is taken.
 """
+import os
+import signal
 import sys
+import threading
 
-try:  # Ctrl-C while torch is still importing: one line, not a traceback
-    import argparse
-    import itertools
-    import json
-    import math
-    import os
-    import tempfile
-    import time
-    import warnings
-    from collections import namedtuple
-    from concurrent.futures import ThreadPoolExecutor
 
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
-    from tqdm import tqdm
+def interrupted_while_importing(signum, frame):
+    """Ctrl-C while torch imports: one line, exit 130. Raising KeyboardInterrupt here could cross
+    torch's C++ initialisation and abort the process, so the process ends at once."""
+    sys.stderr.write('dti_minimal.py: error: interrupted; nothing was written\n')
+    sys.stderr.flush()
+    os._exit(130)
 
-    import data
-    from model import GPT, GPTConfig, Tiles, ctr_loss, training_flops
-except KeyboardInterrupt:
-    print('dti_minimal.py: error: interrupted; nothing was written', file=sys.stderr)
-    sys.exit(130)
+
+CTRL_C = signal.getsignal(signal.SIGINT)  # restored once the imports are done
+QUIET = CTRL_C is signal.default_int_handler and threading.current_thread() is threading.main_thread()
+if QUIET:
+    signal.signal(signal.SIGINT, interrupted_while_importing)
+import argparse
+import itertools
+import json
+import math
+import tempfile
+import time
+import warnings
+from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score, log_loss, roc_auc_score
+from tqdm import tqdm
+
+import data
+from model import GPT, GPTConfig, Tiles, ctr_loss, training_flops
+if QUIET:
+    signal.signal(signal.SIGINT, CTRL_C)
 
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m']
 PATH_RULE = dict(sw='dense', dti='sparse')  # each paradigm's attention path: the faster one for it on a CPU
