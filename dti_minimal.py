@@ -265,8 +265,7 @@ def prepare(args, ds, mode, k, evals, pos=None):
             f'before step 1, more than 10000000')
     longest = max(int(data.prompt_tokens(ds, p).max()) for p in [unit_prompts(units, mode, args.n)]
                   + [p for p, _ in evals.values()])
-    multiple = 128 if 'cuda' in args.device or args.compile else 1  # what make_batch pads a batch to
-    longest = -(-longest // multiple) * multiple
+    longest = -(-longest // pad_multiple(args)) * pad_multiple(args)  # what make_batch pads a batch to
     if (pos or args.pos) == 'learned' and longest > args.block_size:
         die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
     return units, evals
@@ -334,15 +333,19 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
     return records
 
 
+def pad_multiple(args):
+    """Batches are padded to a multiple of this: 128 on CUDA and under --compile (few shapes)."""
+    return 128 if 'cuda' in args.device or args.compile else 1
+
+
 def make_batch(ds, units, mode, model, args):
     """One step's Batch, built on the host: this rank's share of the prompts of `units` collated
     (on CUDA and under --compile T is a multiple of 128, so that few shapes occur) and its plan,
     on the device; the batch's targets, this rank's share of them, its share of padding."""
     prompts = unit_prompts(units, mode, args.n)                                # (prompts, 3)
     mine = prompts[RANK::WORLD]                                                # this rank's share only
-    multiple = 128 if 'cuda' in args.device or args.compile else 1
-    b = data.collate(ds, mine if len(mine) else prompts[:1], multiple)
-    if multiple > 1 and len(b['idx']) == 1:  # torch.compile treats B=1 as a shape of its own: add a PAD row
+    b = data.collate(ds, mine if len(mine) else prompts[:1], pad_multiple(args))
+    if pad_multiple(args) > 1 and len(b['idx']) == 1:  # compile treats B=1 as a shape of its own: add a PAD row
         b = {key: torch.cat([v, torch.full_like(v, data.FILL[key])]) for key, v in b.items()}
     targets = int(data.prompt_targets(prompts).sum())
     share = int((b['label'] >= 0).sum()) / targets if len(mine) else 0.0    # a rank without prompts adds 0
@@ -479,18 +482,18 @@ def run(args, ds, mode, k, prepared, seed, init=None, save=None, resume=None, **
     records = train(model, ds, units, mode, args, seed, f'train {mode}', save, resume)
     targets, seconds = sum(r.targets for r in records), sum(r.seconds for r in records)
     flops, cfg, loss = flops_per_target(ds, prompts, model.config), model.config, [r.loss for r in records]
+    gpu_flops = flops * targets / seconds / WORLD  # model FLOP/s of one process
     peak = next((v for gpu, v in PEAK_FLOPS.items() if 'cuda' in args.device and gpu in
                  torch.cuda.get_device_name(args.device)), None)  # one GPU's model FLOP/s over its peak: MFU
     if peak:
-        print(f'{mode}: {flops * targets / seconds / WORLD / 1e12:.1f} TFLOP/s of model FLOPs per GPU, '
-              f'MFU {flops * targets / seconds / WORLD / peak:.1%}')
+        print(f'{mode}: {gpu_flops / 1e12:.1f} TFLOP/s of model FLOPs per GPU, MFU {gpu_flops / peak:.1%}')
     res = evaluate(model, ds, evals, args.device)
     return dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=cfg.mask, pos=cfg.pos, attn=cfg.attn,
                 n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=seed,
                 targets_trained=targets, train_seconds=seconds, steps=len(records),
                 mean_targets_per_step=targets / len(records), time_per_target_ms=1000 * seconds / targets,
                 median_time_per_target_ms=median_ms_per_target(records),
-                flops_per_target=flops, mfu=flops * targets / seconds / WORLD / peak if peak else None,
+                flops_per_target=flops, mfu=gpu_flops / peak if peak else None,
                 padding=float(np.mean([r.padding for r in records])),  # plain floats: checkpoints hold them
                 first_loss=float(np.mean(loss[:10])), last_loss=float(np.mean(loss[-10:])), step_loss=loss,
                 **res, bayes_auc=res.get('test_bayes_auc'))
