@@ -345,7 +345,7 @@ def make_batch(ds, units, mode, model, args):
     prompts = unit_prompts(units, mode, args.n)                                # (prompts, 3)
     mine = prompts[RANK::WORLD]                                                # this rank's share only
     b = data.collate(ds, mine if len(mine) else prompts[:1], pad_multiple(args))
-    if pad_multiple(args) > 1 and len(b['idx']) == 1:  # compile treats B=1 as a shape of its own: add a PAD row
+    if pad_multiple(args) > 1 and len(b['idx']) == 1:  # compile: B=1 is a shape of its own; add a PAD row
         b = {key: torch.cat([v, torch.full_like(v, data.FILL[key])]) for key, v in b.items()}
     targets = int(data.prompt_targets(prompts).sum())
     share = int((b['label'] >= 0).sum()) / targets if len(mine) else 0.0    # a rank without prompts adds 0
