@@ -17,10 +17,11 @@ Words used throughout:
     plan      a batch's attention plan: who sees whom, worked out once for all layers
     schedule  the run's steps, (epoch, units of the batch), drawn up front from the seed
 
-Top to bottom: flags, data, training, evaluation, main: the path of --mode sw and dti. Below the
-divider: experiments (compare, ablation, bench), then the helpers the loop calls by name for long
-runs (checkpoints, torchrun, CUDA, timing) and plumbing. `block_size` (nanoGPT's name) counts
-tokens; `label` is a block's 0/1 click, in a batch -1 where no loss is taken.
+Top to bottom: flags, data, training, evaluation, main: all that --mode sw and dti compute.
+Below the divider: experiments (compare, ablation, bench), measures, reports (seeds, intervals),
+long runs (checkpoints, torchrun, CUDA), and plumbing (the checks no flag type covers, output).
+`block_size` (nanoGPT's name) counts tokens; `label` is a block's 0/1 click, in a batch -1 where
+no loss is taken.
 """
 import os
 import signal
@@ -65,7 +66,6 @@ if QUIET:
 DATASETS = ['synthetic', 'synthetic-future', 'synthetic-far', 'ml-100k', 'ml-1m', 'ml-20m', 'ml-25m']
 PATH_RULE = dict(sw='dense', dti='sparse')  # each paradigm's attention path: the faster one for it on a CPU
 RANK, WORLD = 0, 1  # this process's rank and the number of processes (torchrun sets them)
-PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # bf16 dense peaks of the datasheets, for MFU
 
 # -----------------------------------------------------------------------------
 # flags
@@ -114,7 +114,7 @@ def parse_args(argv=None):
     add('--ckpt-every', type=int, default=200, help='write DIR/ckpt.pt every N steps (0: at the end only)')
     add('--resume', action='store_true', help='continue the run whose checkpoint is DIR/ckpt.pt')
     add('--eval-mode', choices=['sw', 'dti'], default='sw', help='score valid/test on SW prompts or streams')
-    return check_args(p.parse_args(argv))
+    return check_args(p.parse_args(argv))  # what no type= checks (below, with the plumbing)
 
 
 def ints(text):
@@ -124,63 +124,6 @@ def ints(text):
     except ValueError:
         raise argparse.ArgumentTypeError(f'takes whole numbers separated by commas, got {text!r}')
 
-
-# every count's bounds, in one place: beyond them a count is a typo, not a plan
-BOUNDS = dict(users=(1, 100_000), n=(1, 100_000), n_layer=(1, 1000), n_head=(1, 1000), n_embd=(1, 2**31),
-              block_size=(1, 10**12), epochs=(1, 10**9), batch_size=(1, 10**9), max_train_targets=(1, 10**12),
-              max_eval_targets=(1, 10**12), ckpt_every=(0, 10**12), seeds=(1, 1000), seed=(0, 2**63 - 1))
-
-
-def check_args(args):
-    """Everything about the flags that can be checked before any work: one line and exit 2."""
-    flag = lambda name: '--' + name.replace('_', '-')
-    synthetic = args.dataset.startswith('synthetic')
-    args.history, history = tuple(args.history), ','.join(map(str, args.history))
-    if len(args.history) != 2:
-        die(f'argument --history: takes MIN,MAX (two whole numbers), got {history!r}')
-    if not 1 <= args.history[0] <= args.history[1] <= 100_000:
-        die(f'argument --history: needs 1 <= MIN <= MAX <= 100000, got {history}')
-    if args.mode == 'bench' and args.n > 500:
-        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: '
-            f'--n at most 500, got {args.n}')
-    if args.mode != 'bench' and synthetic and args.n >= args.history[1]:
-        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), '
-            f'so none has a target')
-    for name, (lo, hi) in BOUNDS.items():
-        v = getattr(args, name)
-        if v is not None and not lo <= v <= hi:
-            what = 'in 0 .. 2**63-1' if name == 'seed' else f'at most {hi}' if v > hi else \
-                '0 or more' if lo == 0 else f'at least {lo}'
-            die(f'{flag(name)} must be {what}, got {v}')
-    args.ks = args.ks or ([5, 50] if args.mode == 'ablation' else [50])
-    if not 1 <= min(args.ks) <= max(args.ks) <= 100_000:
-        die(f'argument --k: must be at least 1 and at most 100000, got {",".join(map(str, args.ks))}')
-    if len(args.ks) > 1 and args.mode not in ('compare', 'ablation'):
-        die('a list of k values is a sweep: use it with --mode compare or ablation')
-    if args.users * args.history[1] > 12_000_000:
-        die(f'--users {args.users} --history {history} allows {args.users * args.history[1]} interactions, '
-            f'more than this script generates (at most 12000000)')
-    if args.n_embd % args.n_head:
-        die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
-    params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + \
-        (args.block_size * args.n_embd if args.pos == 'learned' else 0)  # ALiBi has no position table
-    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
-        die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
-            f'more than this machine\'s {memory / 2**30:.0f} GiB')
-    for name, ok, what in (('lr', args.lr > 0, 'a finite number > 0'), ('dropout', 0 <= args.dropout < 1,
-                           'in [0, 1)'), ('weight_decay', args.weight_decay >= 0, 'a finite number >= 0')):
-        if not (ok and math.isfinite(getattr(args, name))):
-            die(f'{flag(name)} must be {what}, got {getattr(args, name)}')
-    if args.data_dir is not None and (synthetic or args.mode == 'bench'):
-        die(f'--data-dir is for MovieLens; --dataset {args.dataset} is generated here' if synthetic else
-            '--data-dir: --mode bench times a generated stream and reads no data')
-    if args.resume and args.mode not in ('sw', 'dti'):
-        die('--resume continues a --mode sw or dti run')
-    if not args.out.strip():
-        die('--out must name a folder')
-    args.device = check_device(args.device, args.attn, args.dropout)
-    return args
 
 # -----------------------------------------------------------------------------
 # data
@@ -195,14 +138,7 @@ def load_dataset(args):
     except data.DataError as e:
         die(str(e))
     print(data.describe(ds, args.n))
-    target = data.positions(ds) >= args.n
-    for split, name in enumerate(['train', 'valid', 'test']):  # a split without targets fails in prepare
-        labels = np.unique(ds['label'][target & (ds['split'] == split)])
-        if len(labels) == 1:
-            word = 'positive' if labels[0] else 'negative'
-            if split == 0:
-                die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
-            warn(f'the {name} targets are all {word}: their AUC is undefined, null in the results')
+    check_labels(ds, args.n)
     return ds
 
 
@@ -258,16 +194,7 @@ def prepare(args, ds, mode, k, evals, pos=None):
     error before any work. The units are the train targets as streams of k; an SW step trains on
     the SW prompts of its batch's units."""
     units = split_prompts(ds, 0, 'dti', args.n, k, args.max_train_targets)[0]
-    if not len(units) or not all(len(prompts) for prompts, _ in evals.values()):
-        die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
-    if args.epochs * len(units) > 10_000_000:  # the schedule is held in memory
-        die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
-            f'before step 1, more than 10000000')
-    longest = max(int(data.prompt_tokens(ds, p).max()) for p in [unit_prompts(units, mode, args.n)]
-                  + [p for p, _ in evals.values()])
-    longest = -(-longest // pad_multiple(args)) * pad_multiple(args)  # what make_batch pads a batch to
-    if (pos or args.pos) == 'learned' and longest > args.block_size:
-        die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
+    check_prompts(args, ds, mode, units, evals, pos)
     return units, evals
 
 # -----------------------------------------------------------------------------
@@ -434,36 +361,6 @@ def baseline(ds, n, blocks, most=1_000_000):
     return LogisticRegression().fit(features(fit), y[fit]).decision_function(features(blocks))
 
 
-def weighted_auc(scores, labels, weights):
-    """AUC of scores (N,) for labels (N,) under R sets of per-target weights (R, N): the weighted
-    share of (positive, negative) pairs ranked right, a tie counting half. -> (R,)"""
-    order = np.argsort(scores, kind='stable')
-    s, y, w = scores[order], labels[order], weights[:, order]
-    first = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])                      # each run of equal scores
-    run = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(s)]))      # (N,) its run
-    neg = np.add.reduceat(np.where(y == 0, w, 0.0), first, axis=1)             # (R, runs) negatives in a run
-    pos = np.where(y == 1, w, 0.0)                                             # (R, N)
-    return (pos * (np.cumsum(neg, 1) - 0.5 * neg)[:, run]).sum(1) / (pos.sum(1) * neg.sum(1))
-
-
-def paired_ci(ds, blocks, a, b, resamples=1000):
-    """95% interval of AUC(a) - AUC(b), two models' (seeds, targets) logits of the targets
-    `blocks`, by a bootstrap that draws users (a user's targets go together) and seeds with
-    replacement: the statistic is the mean over the drawn seeds of the paired difference, so the
-    interval holds both the test set's noise and training's. [0, 0] for a == b."""
-    a, b, labels = np.atleast_2d(a), np.atleast_2d(b), ds['label'][blocks]
-    if len(np.unique(labels)) < 2:
-        return None
-    _, user = np.unique(np.searchsorted(ds['user_start'], blocks, side='right'), return_inverse=True)
-    rng, U, diffs = np.random.default_rng(0), user.max() + 1, []
-    for r in range(0, resamples, 100):  # 100 resamples at a time: (100, targets) weights
-        draws = [np.bincount(rng.integers(0, U, U), minlength=U) for _ in range(min(100, resamples - r))]
-        w = np.stack(draws)[:, user]                                           # (R, N) its user's draws
-        d = np.stack([weighted_auc(x, labels, w) - weighted_auc(y, labels, w) for x, y in zip(a, b)])  # (S,R)
-        diffs.append(np.take_along_axis(d, rng.integers(0, len(a), d.shape), 0).mean(0))  # seeds drawn too
-    diffs = np.concatenate(diffs)  # NaN where a draw left one class out: AUC is undefined there
-    return [float(v) for v in np.nanpercentile(diffs, [2.5, 97.5])] if np.isfinite(diffs).any() else None
-
 # -----------------------------------------------------------------------------
 # main: --mode sw and --mode dti
 
@@ -482,18 +379,14 @@ def run(args, ds, mode, k, prepared, seed, init=None, save=None, resume=None, **
     records = train(model, ds, units, mode, args, seed, f'train {mode}', save, resume)
     targets, seconds = sum(r.targets for r in records), sum(r.seconds for r in records)
     flops, cfg, loss = flops_per_target(ds, prompts, model.config), model.config, [r.loss for r in records]
-    gpu_flops = flops * targets / seconds / WORLD  # model FLOP/s of one process
-    peak = next((v for gpu, v in PEAK_FLOPS.items() if 'cuda' in args.device and gpu in
-                 torch.cuda.get_device_name(args.device)), None)  # one GPU's model FLOP/s over its peak: MFU
-    if peak:
-        print(f'{mode}: {gpu_flops / 1e12:.1f} TFLOP/s of model FLOPs per GPU, MFU {gpu_flops / peak:.1%}')
+    mfu = model_flops_utilization(flops * targets / seconds / WORLD, args.device, mode)
     res = evaluate(model, ds, evals, args.device)
     return dict(mode=mode, dataset=args.dataset, n=args.n, k=k, mask=cfg.mask, pos=cfg.pos, attn=cfg.attn,
                 n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, seed=seed,
                 targets_trained=targets, train_seconds=seconds, steps=len(records),
                 mean_targets_per_step=targets / len(records), time_per_target_ms=1000 * seconds / targets,
                 median_time_per_target_ms=median_ms_per_target(records),
-                flops_per_target=flops, mfu=gpu_flops / peak if peak else None,
+                flops_per_target=flops, mfu=mfu,
                 padding=float(np.mean([r.padding for r in records])),  # plain floats: checkpoints hold them
                 first_loss=float(np.mean(loss[:10])), last_loss=float(np.mean(loss[-10:])), step_loss=loss,
                 **res, bayes_auc=res.get('test_bayes_auc'))
@@ -525,23 +418,7 @@ def train_and_report(args, ckpt=None):
                prepare_seconds=prepare_seconds, prepare_peak_rss_mb=prepare_peak_rss_mb,
                peak_rss_mb=peak_rss_mb())
     res = dict({key: v for key, v in res.items() if not key.endswith('_logits')}, args=vars(args))
-    path = write_json(args.out, 'results.json', res)
-    print()
-    print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
-                [[name, *(num(res[f'{key}_{m}']) for m in ('auc', 'logloss', 'f1', 'acc')),
-                  num(res.get(f'{key}_bayes_auc'))]
-                 for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test'))])
-    print(f'test LR: the non-neural baseline, {BASELINE}')
-    if args.seeds > 1:
-        print(f"(valid and test above: seed {args.seed}) over {args.seeds} seeds: test AUC "
-              f"{seeds_cell(res['test_auc_seeds'])}, "
-              f"LogLoss {seeds_cell(res['test_logloss_seeds'])}")
-    diff = difference(res['test_auc_mean'], res['baseline_test_auc'], res['baseline_diff_ci'])
-    print(f"test AUC minus LR's: {diff} (95% interval, a bootstrap over test users"
-          f"{' and seeds' * (args.seeds > 1)})")
-    print(f"{args.mode}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
-          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per "
-          f"target (analytic); wrote {path}")
+    print_results(res, write_json(args.out, 'results.json', res))
     return res
 
 
@@ -729,27 +606,6 @@ def print_ablation(res, path):
     print(f"valid metrics, every seed's numbers and step losses are in {path}")
 
 
-def over_seeds(runs, key, name=None):
-    """{name}_seeds: runs[i][key] for every seed, with their _mean and _std (None if one is None)."""
-    v, name = [r[key] for r in runs], name or key
-    whole = None not in v
-    return {f'{name}_seeds': v, f'{name}_mean': float(np.mean(v)) if whole else None,
-            f'{name}_std': float(np.std(v)) if whole else None}
-
-
-def seeds_cell(values):
-    """A table cell: the value of one seed, or mean ± standard deviation over several."""
-    return '-' if None in values else num(values[0]) if len(values) == 1 else \
-        f'{np.mean(values):.4f} ± {np.std(values):.4f}'
-
-
-def difference(a, b, ci):
-    """a - b as '+0.0123 [+0.0050, +0.0190]', with ' not different' where the interval holds 0."""
-    if None in (a, b, ci):
-        return '-'
-    return f'{a - b:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]' + (' not different' if ci[0] <= 0 <= ci[1] else '')
-
-
 def bench(args):
     """Block-sparse vs dense attention (and FlexAttention on CUDA), forward + backward on one long
     stream (n context blocks, 440 targets: about 4,000 tokens), interleaved; on CUDA each timing
@@ -789,6 +645,22 @@ def bench(args):
     print(f"sparse is {res['speedup']:.1f}x faster than dense; wrote {path}")
     return res
 
+# -----------------------------------------------------------------------------
+# measures: memory, time and FLOPs
+
+
+PEAK_FLOPS = {'H100': 989e12, 'H200': 989e12, 'A100': 312e12}  # bf16 dense peaks of the datasheets, for MFU
+
+
+def model_flops_utilization(flops_per_second, device, mode):
+    """One process's model FLOP/s over its GPU's datasheet peak (MFU), printed; None off those GPUs."""
+    peak = next((v for gpu, v in PEAK_FLOPS.items() if 'cuda' in device and gpu in
+                 torch.cuda.get_device_name(device)), None)
+    if peak:
+        print(f'{mode}: {flops_per_second / 1e12:.1f} TFLOP/s of model FLOPs per GPU, '
+              f'MFU {flops_per_second / peak:.1%}')
+    return flops_per_second / peak if peak else None
+
 
 def step_peak_mb(step):
     """Peak resident memory (MB) that `step()` adds above what the process held before it
@@ -826,6 +698,80 @@ def flops_per_target(ds, prompts, config, most=50_000):
     total = sum(training_flops(config, b['block'], b['role'])
                 for b in (data.collate(ds, prompts[order[s:s + 64]]) for s in range(0, len(order), 64)))
     return total / int(data.prompt_targets(prompts).sum())
+# -----------------------------------------------------------------------------
+# reports: the table of a sw or dti run, seeds, and paired intervals (what a difference is worth)
+
+
+def print_results(res, path):
+    """The table of a --mode sw or dti run: valid, test and the baseline's test metrics, the
+    spread over seeds, the difference to the baseline with its interval, the speed."""
+    print()
+    print_table(['', 'AUC', 'LogLoss', 'F1', 'Acc', 'Bayes AUC'],
+                [[name, *(num(res[f'{key}_{m}']) for m in ('auc', 'logloss', 'f1', 'acc')),
+                  num(res.get(f'{key}_bayes_auc'))]
+                 for name, key in (('valid', 'valid'), ('test', 'test'), ('test LR', 'baseline_test'))])
+    print(f'test LR: the non-neural baseline, {BASELINE}')
+    if res['seeds'] > 1:
+        print(f"(valid and test above: seed {res['seed']}) over {res['seeds']} seeds: test AUC "
+              f"{seeds_cell(res['test_auc_seeds'])}, LogLoss {seeds_cell(res['test_logloss_seeds'])}")
+    diff = difference(res['test_auc_mean'], res['baseline_test_auc'], res['baseline_diff_ci'])
+    print(f"test AUC minus LR's: {diff} (95% interval, a bootstrap over test users"
+          f"{' and seeds' * (res['seeds'] > 1)})")
+    print(f"{res['mode']}: {res['targets_trained']} targets in {res['train_seconds']:.1f}s, "
+          f"{res['time_per_target_ms']:.3f} ms per target, {res['flops_per_target'] / 1e6:.2f} MFLOP per "
+          f"target (analytic); wrote {path}")
+
+
+def over_seeds(runs, key, name=None):
+    """{name}_seeds: runs[i][key] for every seed, with their _mean and _std (None if one is None)."""
+    v, name = [r[key] for r in runs], name or key
+    whole = None not in v
+    return {f'{name}_seeds': v, f'{name}_mean': float(np.mean(v)) if whole else None,
+            f'{name}_std': float(np.std(v)) if whole else None}
+
+
+def seeds_cell(values):
+    """A table cell: the value of one seed, or mean ± standard deviation over several."""
+    return '-' if None in values else num(values[0]) if len(values) == 1 else \
+        f'{np.mean(values):.4f} ± {np.std(values):.4f}'
+
+
+def difference(a, b, ci):
+    """a - b as '+0.0123 [+0.0050, +0.0190]', with ' not different' where the interval holds 0."""
+    if None in (a, b, ci):
+        return '-'
+    return f'{a - b:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]' + (' not different' if ci[0] <= 0 <= ci[1] else '')
+
+
+def weighted_auc(scores, labels, weights):
+    """AUC of scores (N,) for labels (N,) under R sets of per-target weights (R, N): the weighted
+    share of (positive, negative) pairs ranked right, a tie counting half. -> (R,)"""
+    order = np.argsort(scores, kind='stable')
+    s, y, w = scores[order], labels[order], weights[:, order]
+    first = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])                      # each run of equal scores
+    run = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(s)]))      # (N,) its run
+    neg = np.add.reduceat(np.where(y == 0, w, 0.0), first, axis=1)             # (R, runs) negatives in a run
+    pos = np.where(y == 1, w, 0.0)                                             # (R, N)
+    return (pos * (np.cumsum(neg, 1) - 0.5 * neg)[:, run]).sum(1) / (pos.sum(1) * neg.sum(1))
+
+
+def paired_ci(ds, blocks, a, b, resamples=1000):
+    """95% interval of AUC(a) - AUC(b), two models' (seeds, targets) logits of the targets
+    `blocks`, by a bootstrap that draws users (a user's targets go together) and seeds with
+    replacement: the statistic is the mean over the drawn seeds of the paired difference, so the
+    interval holds both the test set's noise and training's. [0, 0] for a == b."""
+    a, b, labels = np.atleast_2d(a), np.atleast_2d(b), ds['label'][blocks]
+    if len(np.unique(labels)) < 2:
+        return None
+    _, user = np.unique(np.searchsorted(ds['user_start'], blocks, side='right'), return_inverse=True)
+    rng, U, diffs = np.random.default_rng(0), user.max() + 1, []
+    for r in range(0, resamples, 100):  # 100 resamples at a time: (100, targets) weights
+        draws = [np.bincount(rng.integers(0, U, U), minlength=U) for _ in range(min(100, resamples - r))]
+        w = np.stack(draws)[:, user]                                           # (R, N) its user's draws
+        d = np.stack([weighted_auc(x, labels, w) - weighted_auc(y, labels, w) for x, y in zip(a, b)])  # (S,R)
+        diffs.append(np.take_along_axis(d, rng.integers(0, len(a), d.shape), 0).mean(0))  # seeds drawn too
+    diffs = np.concatenate(diffs)  # NaN where a draw left one class out: AUC is undefined there
+    return [float(v) for v in np.nanpercentile(diffs, [2.5, 97.5])] if np.isfinite(diffs).any() else None
 
 # -----------------------------------------------------------------------------
 # long runs: checkpoints and resume, compile, torchrun, CUDA
@@ -1024,6 +970,90 @@ def die(msg, code=2):
 def warn(msg):
     if not RANK:
         print(f'dti_minimal.py: warning: {msg}', file=sys.stderr)
+
+
+# every count's bounds, in one place: beyond them a count is a typo, not a plan
+BOUNDS = dict(users=(1, 100_000), n=(1, 100_000), n_layer=(1, 1000), n_head=(1, 1000), n_embd=(1, 2**31),
+              block_size=(1, 10**12), epochs=(1, 10**9), batch_size=(1, 10**9), max_train_targets=(1, 10**12),
+              max_eval_targets=(1, 10**12), ckpt_every=(0, 10**12), seeds=(1, 1000), seed=(0, 2**63 - 1))
+
+
+def check_args(args):
+    """Everything about the flags that can be checked before any work: one line and exit 2."""
+    flag = lambda name: '--' + name.replace('_', '-')
+    synthetic = args.dataset.startswith('synthetic')
+    args.history, history = tuple(args.history), ','.join(map(str, args.history))
+    if len(args.history) != 2:
+        die(f'argument --history: takes MIN,MAX (two whole numbers), got {history!r}')
+    if not 1 <= args.history[0] <= args.history[1] <= 100_000:
+        die(f'argument --history: needs 1 <= MIN <= MAX <= 100000, got {history}')
+    if args.mode == 'bench' and args.n > 500:
+        die(f'--mode bench times dense attention over n + 440 blocks, quadratic in n: '
+            f'--n at most 500, got {args.n}')
+    if args.mode != 'bench' and synthetic and args.n >= args.history[1]:
+        die(f'--n {args.n}: no synthetic user has more than {args.history[1]} interactions (--history), '
+            f'so none has a target')
+    for name, (lo, hi) in BOUNDS.items():
+        v = getattr(args, name)
+        if v is not None and not lo <= v <= hi:
+            what = 'in 0 .. 2**63-1' if name == 'seed' else f'at most {hi}' if v > hi else \
+                '0 or more' if lo == 0 else f'at least {lo}'
+            die(f'{flag(name)} must be {what}, got {v}')
+    args.ks = args.ks or ([5, 50] if args.mode == 'ablation' else [50])
+    if not 1 <= min(args.ks) <= max(args.ks) <= 100_000:
+        die(f'argument --k: must be at least 1 and at most 100000, got {",".join(map(str, args.ks))}')
+    if len(args.ks) > 1 and args.mode not in ('compare', 'ablation'):
+        die('a list of k values is a sweep: use it with --mode compare or ablation')
+    if args.users * args.history[1] > 12_000_000:
+        die(f'--users {args.users} --history {history} allows {args.users * args.history[1]} interactions, '
+            f'more than this script generates (at most 12000000)')
+    if args.n_embd % args.n_head:
+        die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
+    params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + \
+        (args.block_size * args.n_embd if args.pos == 'learned' else 0)  # ALiBi has no position table
+    memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
+        die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
+            f'more than this machine\'s {memory / 2**30:.0f} GiB')
+    for name, ok, what in (('lr', args.lr > 0, 'a finite number > 0'), ('dropout', 0 <= args.dropout < 1,
+                           'in [0, 1)'), ('weight_decay', args.weight_decay >= 0, 'a finite number >= 0')):
+        if not (ok and math.isfinite(getattr(args, name))):
+            die(f'{flag(name)} must be {what}, got {getattr(args, name)}')
+    if args.data_dir is not None and (synthetic or args.mode == 'bench'):
+        die(f'--data-dir is for MovieLens; --dataset {args.dataset} is generated here' if synthetic else
+            '--data-dir: --mode bench times a generated stream and reads no data')
+    if args.resume and args.mode not in ('sw', 'dti'):
+        die('--resume continues a --mode sw or dti run')
+    if not args.out.strip():
+        die('--out must name a folder')
+    args.device = check_device(args.device, args.attn, args.dropout)
+    return args
+
+def check_labels(ds, n):
+    """Train targets of one class are an error, valid or test targets of one class a warning."""
+    target = data.positions(ds) >= n
+    for split, name in enumerate(['train', 'valid', 'test']):  # a split without targets fails in prepare
+        labels = np.unique(ds['label'][target & (ds['split'] == split)])
+        if len(labels) == 1:
+            word = 'positive' if labels[0] else 'negative'
+            if split == 0:
+                die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
+            warn(f'the {name} targets are all {word}: their AUC is undefined, null in the results')
+
+
+def check_prompts(args, ds, mode, units, evals, pos=None):
+    """A run's train units and eval prompts: none empty, a schedule that fits in memory, and (with
+    learned positions: `pos`, by default --pos) no prompt longer than --block-size."""
+    if not len(units) or not all(len(prompts) for prompts, _ in evals.values()):
+        die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
+    if args.epochs * len(units) > 10_000_000:  # the schedule is held in memory
+        die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
+            f'before step 1, more than 10000000')
+    longest = max(int(data.prompt_tokens(ds, p).max()) for p in [unit_prompts(units, mode, args.n)]
+                  + [p for p, _ in evals.values()])
+    longest = -(-longest // pad_multiple(args)) * pad_multiple(args)  # what make_batch pads a batch to
+    if (pos or args.pos) == 'learned' and longest > args.block_size:
+        die(f'a prompt of {longest} tokens is longer than --block-size {args.block_size} (learned positions)')
 
 
 def check_device(device, attn, dropout):
