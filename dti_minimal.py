@@ -435,9 +435,6 @@ def main(argv=None):
             return bench(args)
         return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
     except KeyboardInterrupt:  # Ctrl-C: what is on disk, and how to go on from it
-        for name in OUTPUTS[args.mode]:
-            if os.path.isfile(os.path.join(args.out, name + '.tmp')) and not RANK:
-                os.remove(os.path.join(args.out, name + '.tmp'))  # half-written
         path = os.path.join(args.out, 'ckpt.pt')
         die(f'interrupted; rerun with --resume to continue from {path}' if args.mode in ('sw', 'dti') and
             os.path.isfile(path) else 'interrupted; no checkpoint was written', code=130)
@@ -538,7 +535,7 @@ def ablation(args, ds):
     K = max(args.ks)
     evals = {k: {f'{split}_{way}': p for way, mode in (('sw', 'sw'), ('stream', 'dti'))
                  for split, p in eval_prompts(args, ds, mode, k).items()} for k in args.ks}
-    rows = [dict(name=name, mode=mode, mask=mask, pos=pos or args.pos, k=None if mode == 'sw' else k)
+    rows = [dict(name=name, mode=mode, mask=mask, pos=pos or args.pos, k=None if mode == 'sw' else k, runs=[])
             for name, mode, mask, pos in ABLATION for k in ([K] if mode == 'sw' else args.ks)]
     key = lambda r: (r['mode'], r['k'], r['pos'])
     prepared = {key(r): prepare(args, ds, r['mode'], r['k'] or K, evals[r['k'] or K], r['pos']) for r in rows}
@@ -547,10 +544,9 @@ def ablation(args, ds):
         init = build_model(args, 'sw', seed, pos='learned').state_dict()
         for r in rows:
             print(f"\n{r['name']}: --mode {r['mode']} --mask {r['mask']} --pos {r['pos']} --k {r['k'] or K}")
-            runs = r.setdefault('runs', [])
-            runs.append(run(args, ds, r['mode'], r['k'] or K, prepared[key(r)], seed, init, mask=r['mask'],
-                            pos=r['pos']))
-    ref, sw_rows = rows[0]['runs'], {r['mask']: r['runs'] for r in rows if r['mode'] == 'sw'}
+            r['runs'].append(run(args, ds, r['mode'], r['k'] or K, prepared[key(r)], seed, init,
+                                 mask=r['mask'], pos=r['pos']))
+    ref, sw_rows = rows[0]['runs'], {r['mask']: r for r in rows if r['mode'] == 'sw'}
     logits = lambda runs, way: [x[f'test_{way}_logits'] for x in runs]
     for r in rows:
         runs = r.pop('runs')
@@ -563,10 +559,10 @@ def ablation(args, ds):
             blocks = data.target_blocks(evals[K][f'test_{way}'][0])
             r[f'test_auc_{way}_diff_ci'] = paired_ci(ds, blocks, logits(runs, way), logits(ref, way))
         r['speedup'] = ref[0]['median_time_per_target_ms'] / r['median_time_per_target_ms']
-        if r['k'] == K:  # the same steps as the SW row with its mask, from the same weights
-            diff = np.abs(np.subtract(r['step_loss'], sw_rows[r['mask']][0]['step_loss']))
+        if r['k'] == K:  # the same steps as the SW row with its mask (filled in above), from the same weights
+            diff = np.abs(np.subtract(r['step_loss'], sw_rows[r['mask']]['step_loss']))
             over = np.flatnonzero(diff > 1e-4)
-            r.update(paired_sw_row='SW, isolated' if r['mask'] == 'isolated' else 'SW, standard',
+            r.update(paired_sw_row=sw_rows[r['mask']]['name'],
                      step_loss_diff_first=float(diff[0]), step_loss_diff_max=float(diff.max()),
                      first_step_diff_over_1e4=int(over[0]) + 1 if len(over) else None)
     both = next(r for r in rows if r['name'] == 'DTI, both' and r['k'] == K)
@@ -602,7 +598,7 @@ def print_ablation(res, path):
     print_table(['', 'against', 'step 1', 'first step > 1e-4', 'largest'],
                 [[r['name'], r['paired_sw_row'], f"{r['step_loss_diff_first']:.1e}",
                   str(r['first_step_diff_over_1e4'] or '-'), f"{r['step_loss_diff_max']:.1e}"]
-                 for r in rows if r['mode'] == 'dti' and r['k'] == K])
+                 for r in rows if r['k'] == K])
     print(f"valid metrics, every seed's numbers and step losses are in {path}")
 
 
@@ -787,8 +783,8 @@ CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict,
 def save_checkpoint(folder, state):
     """DIR/ckpt.pt: what training needs to go on (weights, AdamW's state, the step records, the
     random state dropout draws from) and which run it is (args, the data set's fingerprint, the
-    seed, finished seeds' results). Never with non-finite weights; written to a
-    temporary file, then renamed; a failed write stops the run and keeps the previous one."""
+    seed, finished seeds' results). Never with non-finite weights; written to a temporary file,
+    then renamed; a failed write stops the run and keeps the previous one."""
     model, path = state['model'], os.path.join(folder, 'ckpt.pt')
     check_weights(model, len(state['records']), state['epoch'], folder)
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
@@ -801,10 +797,11 @@ def save_checkpoint(folder, state):
                             **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
             os.replace(path + '.tmp', path)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
         kept = f'the previous {path} is kept' if os.path.exists(path) else 'no checkpoint was written'
         die(f"cannot write {path} ({' '.join(str(e).split())[:200]}); stopped, {kept}", code=1)
+    finally:  # a write cut short (a full disk, Ctrl-C) leaves no temporary file behind
+        if os.path.isfile(path + '.tmp') and not RANK:
+            os.remove(path + '.tmp')
 
 
 def checkpoint_in(args):
@@ -891,9 +888,9 @@ def check_weights(model, step, epoch, folder):
 
 def stop(what, folder):
     """A run that went wrong: one line (exit 1) saying what, and which checkpoint is good."""
-    last = os.path.join(folder or '', 'ckpt.pt')
-    kept = 'no checkpoint was written' if not (folder and os.path.exists(last)) else \
-        f'the last good checkpoint is {last}'
+    last = folder and os.path.join(folder, 'ckpt.pt')
+    kept = f'the last good checkpoint is {last}' if last and os.path.exists(last) else \
+        'no checkpoint was written'
     die(f'{what}; stopped, {kept}', code=1)
 
 
@@ -1090,7 +1087,7 @@ def check_out(args):
     try:
         for folder in reversed(made):
             os.mkdir(folder)
-        os.remove(tempfile.mkstemp(dir=args.out, prefix='.dti-probe-')[1])
+        tempfile.NamedTemporaryFile(dir=args.out, prefix='.dti-probe-').close()  # made, then removed
     except OSError:
         die(f'output folder {args.out} cannot be written')
     finally:
@@ -1146,9 +1143,10 @@ def write_json(folder, name, obj):
                 json.dump(finite(obj), f, indent=2, allow_nan=False)
             os.replace(path + '.tmp', path)
     except OSError as e:
-        if os.path.exists(path + '.tmp'):
-            os.remove(path + '.tmp')
         die(f'cannot write {path} ({e.strerror or e}); stopped', code=1)
+    finally:  # a write cut short (a full disk, Ctrl-C) leaves no temporary file behind
+        if os.path.isfile(path + '.tmp') and not RANK:
+            os.remove(path + '.tmp')
     return path
 
 
