@@ -42,6 +42,7 @@ QUIET = CTRL_C is signal.default_int_handler and threading.current_thread() is t
 if QUIET:
     signal.signal(signal.SIGINT, interrupted_while_importing)
 import argparse
+import contextlib
 import itertools
 import json
 import math
@@ -637,7 +638,8 @@ def bench(args):
     print(f"one stream of {res['tokens']} tokens, n={args.n}, mask={args.mask}, forward + backward "
           f"(median of 5)")
     for attn in times:
-        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {peak[attn] or np.nan:7.0f} MB")
+        mb = np.nan if peak[attn] is None else peak[attn]  # None: not measurable here
+        print(f"{attn:>7} {ms[attn]:9.1f} ms   peak host memory of a step {mb:7.0f} MB")
     print(f"sparse is {res['speedup']:.1f}x faster than dense; wrote {path}")
     return res
 
@@ -1102,7 +1104,8 @@ def check_out(args):
 def lock(folder):
     """Hold `folder` for this run, so that two runs never write one folder at once: DIR/.lock holds
     this process's pid; a lock whose process still runs is refused in one line, a stale one (its
-    process gone) is taken over. unlock() releases it when main returns or exits."""
+    process gone) is taken over, and this process's own is kept (a notebook may run compare twice).
+    unlock() releases it when main returns or exits."""
     path = os.path.join(folder, '.lock')
     for _ in range(2 * (not RANK)):
         try:
@@ -1111,15 +1114,39 @@ def lock(folder):
                 f.write(str(os.getpid()))
             return HELD.append(path)
         except FileExistsError:
-            try:
-                pid = int(open(path).read())
-                os.kill(pid, 0)  # raises if no such process
-            except (OSError, ValueError):
+            pid = lock_holder(path)
+            if pid == os.getpid():  # this process's own
+                return HELD.append(path)
+            if pid is not None:
+                die(f'{folder} is in use by another run (pid {pid}, {path}); wait for it or pass another '
+                    f'--out')
+            with contextlib.suppress(FileNotFoundError):  # another run may have removed it already
                 os.remove(path)  # stale: its run is gone
-                continue
-            die(f'{folder} is in use by another run (pid {pid}, {path}); wait for it or pass another --out')
         except OSError as e:
             die(f'cannot write {path} ({e.strerror})', code=1)
+
+
+def lock_holder(path):
+    """The pid in a lock file if its process runs, else None. An empty file is read again for a
+    moment: the run that made it may not have written its pid yet."""
+    for _ in range(10):
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        if text:
+            break
+        time.sleep(0.05)
+    if not text.strip().isdigit() or int(text) == 0:  # digits only: a pid, never a process group
+        return None
+    try:
+        os.kill(int(text), 0)  # ProcessLookupError if no such process
+    except PermissionError:  # it runs, as another user
+        return int(text)
+    except (OSError, OverflowError):
+        return None
+    return int(text)
 
 
 def unlock():

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -402,6 +403,39 @@ def test_one_run_holds_its_folder(tmp_path, capsys):
         sleeper.wait()
     dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(tmp_path)])  # the lock is stale now
     assert sorted(os.listdir(tmp_path)) == ['ckpt.pt', 'results.json']
+
+
+def test_the_lock_knows_its_holder(tmp_path, monkeypatch, capsys):
+    """The process that holds a folder may lock it again (a notebook running compare twice); an
+    empty lock file is read again until its run has written its pid; a live process of another
+    user (kill(pid, 0) raises PermissionError) holds it; a negative pid is no process, so stale."""
+    folder = str(tmp_path)
+    dti_minimal.lock(folder)
+    dti_minimal.lock(folder)
+    dti_minimal.unlock()
+    assert os.listdir(tmp_path) == []
+    sleeper = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])
+    try:
+        (tmp_path / '.lock').write_text('')
+        threading.Timer(0.1, (tmp_path / '.lock').write_text, [str(sleeper.pid)]).start()
+        with pytest.raises(SystemExit) as stop:
+            dti_minimal.lock(folder)
+        assert stop.value.code == 2 and f'is in use by another run (pid {sleeper.pid}' in capsys.readouterr().err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    (tmp_path / '.lock').write_text('-1')
+    dti_minimal.lock(folder)
+    assert (tmp_path / '.lock').read_text() == str(os.getpid())
+    dti_minimal.unlock()
+    (tmp_path / '.lock').write_text('4321')
+
+    def kill(pid, sig):
+        raise PermissionError(f'pid {pid} runs as another user')
+    monkeypatch.setattr(os, 'kill', kill)
+    with pytest.raises(SystemExit):
+        dti_minimal.lock(folder)
+    assert 'is in use by another run (pid 4321' in capsys.readouterr().err
 
 
 def test_two_runs_started_together_on_one_folder(tmp_path):
