@@ -257,39 +257,36 @@ def synthetic(n_users=600, n_items=300, min_len=60, max_len=120, n=20, canary=No
         m = lengths[u0:u0 + chunk]                                                    # (U,)
         item = _watch(rng, catalog, len(m), int(m.max()))                             # (U, M)
         label, prob, marker = _click(rng, catalog['logit'][item], n, canary, mood_weight, far_weight)
-        times = np.where(np.arange(item.shape[1]) < m[:, None], rng.random(item.shape), 2.0)
-        times.sort(axis=1)                                   # times in [0, 1): split at 0.8 and 0.9
         real = np.arange(item.shape[1]) < m[:, None]         # (U, M): the users' own interactions
+        times = np.sort(np.where(real, rng.random(item.shape), 2.0), axis=1)  # in [0, 1): split at 0.8, 0.9
         split = np.searchsorted([0.8, 0.9], times[real], side='right').astype(np.int8)
         columns.append((label[real], item[real], split, prob[real], marker[real]))
         bar.update(int(m.sum()))
     bar.close()
     label, item, split, prob, marker = (np.concatenate(c) for c in zip(*columns))
     texts, text_of_block = np.unique(item * 3 + marker, return_inverse=True)     # the distinct texts
-    pairs, genre = catalog['pairs'], catalog['genre']
-    names = [f'{ADJECTIVES[pairs[t // 3][0]]} {NOUNS[pairs[t // 3][1]]} | {GENRES[genre[t // 3]]}'
-             + ['', *MARKS][t % 3] for t in texts.tolist()]
-    return build_dataset('synthetic' + (f'-{canary}' if canary else ''), names, text_of_block.ravel(),
+    names = [catalog['title'][t // 3] + ['', *MARKS][t % 3] for t in texts.tolist()]
+    return build_dataset('synthetic' + (f'-{canary}' if canary else ''), names, text_of_block,
                          label, item, split, prob, lengths)
 
 
 def _catalog(rng, n_items, pop_weight, genre_weight):
-    """The items: a title (a pair of words), a genre, a click logit, and an exposure table from
+    """The items: a title ('Adjective Noun | Genre'), a click logit, and an exposure table from
     which one searchsorted draws an item of a given genre (popular items are shown more)."""
     G = len(GENRES)
     adj_appeal, noun_appeal = rng.normal(0.0, 1.0, len(ADJECTIVES)), rng.normal(0.0, 1.0, len(NOUNS))
-    pairs = [divmod(int(i), len(NOUNS)) for i in rng.permutation(len(ADJECTIVES) * len(NOUNS))[:n_items]]
+    adj, noun = np.divmod(rng.permutation(len(ADJECTIVES) * len(NOUNS))[:n_items], len(NOUNS))
     genre = rng.integers(0, G, n_items)
-    logit = (pop_weight * np.array([adj_appeal[a] + noun_appeal[b] for a, b in pairs]) / np.sqrt(2)
+    logit = (pop_weight * (adj_appeal[adj] + noun_appeal[noun]) / np.sqrt(2)
              + genre_weight * rng.normal(0.0, 1.0, G)[genre])                          # (n_items,)
-    # genre g's items fill [g, g + 1) of one cumulative table, each genre's exposure summing to 1
-    by_genre = np.argsort(genre, kind='stable')                                      # (n_items,)
-    exposure = np.exp(0.5 * logit[by_genre])
-    exposure /= np.bincount(genre, weights=np.exp(0.5 * logit), minlength=G)[genre[by_genre]]
-    cum = np.concatenate([g + np.cumsum(exposure[genre[by_genre] == g]) for g in range(G)])  # (n_items,)
+    title = [f'{ADJECTIVES[a]} {NOUNS[b]} | {GENRES[g]}' for a, b, g in zip(adj, noun, genre)]
+    # cum: genre g's items (in by_genre order) fill [g, g + 1), each genre's exposure summing to 1
+    exposure = np.exp(0.5 * logit)
+    exposure /= np.bincount(genre, weights=exposure, minlength=G)[genre]
+    cum = np.concatenate([g + np.cumsum(exposure[genre == g]) for g in range(G)])     # (n_items,)
     count = np.bincount(genre, minlength=G)
-    return dict(pairs=pairs, genre=genre, logit=logit, by_genre=by_genre, cum=cum, last=np.cumsum(count) - 1,
-                first=np.cumsum(count) - count, present=count > 0)
+    return dict(title=title, logit=logit, by_genre=np.argsort(genre, kind='stable'), cum=cum,
+                first=np.cumsum(count) - count, last=np.cumsum(count) - 1, present=count > 0)
 
 
 def _watch(rng, catalog, U, M):
@@ -355,9 +352,9 @@ ML100K_GENRES = ['unknown', 'Action', 'Adventure', 'Animation', "Children's", 'C
 
 def _flags(f):
     """u.item's 19 genre flags -> genre names; a flag other than 0 or 1 is an error."""
-    bad = next((x for x in f[5:] if x not in ('0', '1')), None)
-    if bad is not None:
-        raise ValueError(f'genre flag {bad!r} is not 0 or 1')
+    for flag in f[5:]:
+        if flag not in ('0', '1'):
+            raise ValueError(f'genre flag {flag!r} is not 0 or 1')
     return [g for g, flag in zip(ML100K_GENRES, f[5:]) if flag == '1']
 
 
@@ -387,9 +384,9 @@ def movielens(name, data_dir=None):
     order = np.lexsort((item, time, user))                      # by user, then time, then item
     user, item, rating, time = user[order], item[order], rating[order], time[order]
     split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
-    keys = np.sort(np.fromiter(texts, np.int64, len(texts)))                       # item ids, sorted
-    lengths = np.diff(np.r_[np.flatnonzero(np.r_[True, user[1:] != user[:-1]]), len(user)])  # per user
-    return build_dataset(name, [texts[i] for i in keys.tolist()], np.searchsorted(keys, item), rating >= 4,
+    keys = sorted(texts)                                                            # item ids, sorted
+    lengths = np.diff(np.flatnonzero(np.r_[True, user[1:] != user[:-1], True]))  # per user: its run
+    return build_dataset(name, [texts[i] for i in keys], np.searchsorted(keys, item), rating >= 4,
                          item, split, np.full(len(item), np.nan), lengths)
 
 
@@ -432,9 +429,8 @@ def _ratings(file, texts, items_where):
     cols = [0, 1, 2, 3] if header is None or not text.strip() else _columns(where, head, header, width)
     width, flat = width or len(head), text.replace(sep, '\t')
     dtype = [('user', 'i8'), ('item', 'i8'), ('rating', 'f8'), ('time', 'f8')]
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # numpy's "input contained no data": _bad_line says "empty file"
+    try:  # numpy's warning "input contained no data" is silenced: _bad_line says "empty file"
+        with warnings.catch_warnings(action='ignore'):
             rows = np.loadtxt(io.StringIO(flat), dtype, delimiter='\t', usecols=cols,
                               skiprows=int(bool(header)), ndmin=1, comments=None)
         r, t = rows['rating'], rows['time']
@@ -446,7 +442,7 @@ def _ratings(file, texts, items_where):
         good = False
     if not good:
         _bad_line(where, text, sep, header, width, cols, lo, step)
-    unknown = np.flatnonzero(~np.isin(rows['item'], np.fromiter(texts, np.int64, len(texts))))
+    unknown = np.flatnonzero(~np.isin(rows['item'], list(texts)))
     if len(unknown):
         i = _lines(text)[bool(header) + unknown[0]][0]
         raise DataError(f'{where} line {i}: item {rows["item"][unknown[0]]} is not in {items_where}')
@@ -461,8 +457,8 @@ def _bad_line(where, text, sep, header, width, cols, lo, step):
         raise DataError(f'{where}: empty file')
     seen = {}
     for i, f in _widths(where, lines[bool(header):], width):
-        user, item = (_integer(where, i, f[c], what) for c, what in zip(cols[:2], ('user id', 'item id')))
-        rating, time = (_float(f[c]) for c in cols[2:])
+        user, item = _integer(where, i, f[cols[0]], 'user id'), _integer(where, i, f[cols[1]], 'item id')
+        rating, time = _float(f[cols[2]]), _float(f[cols[3]])
         if rating is None or not (lo <= rating <= 5 and rating % step == 0):
             stars = 'whole stars' if step == 1 else 'half stars'
             raise DataError(f"{where} line {i}: rating {f[cols[2]]!r} is not a number in {lo}..5 ({stars})")
@@ -541,19 +537,17 @@ def cache_dir():
 def find_movielens(name, data_dir=None):
     """((where, read) of the ratings file, of the items file): --data-dir if given (and nothing
     else), else the cache folder, else a download into it."""
-    if data_dir is not None:
-        if not os.path.exists(data_dir):
-            raise DataError(f'--data-dir {data_dir} does not exist')
-        found = _locate(name, data_dir)
-        if found is None:
-            a, b = GROUPLENS_FILES[name]
-            raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, '
-                            f'or {name}.zip)')
-        return found
-    found = _locate(name, cache_dir())
+    if data_dir is None:
+        if _locate(name, cache_dir()) is None:
+            download(name, cache_dir())
+        return _locate(name, cache_dir())
+    if not os.path.exists(data_dir):
+        raise DataError(f'--data-dir {data_dir} does not exist')
+    found = _locate(name, data_dir)
     if found is None:
-        download(name, cache_dir())
-        found = _locate(name, cache_dir())
+        a, b = GROUPLENS_FILES[name]
+        raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, '
+                        f'or {name}.zip)')
     return found
 
 
@@ -578,7 +572,7 @@ def _locate(name, path):
                                         f'{name}/ or at the top')
                 return files[pair[0]][0], files[pair[1]][0]
             if any(f in files for f in pair):
-                have, missing = (pair[0], pair[1]) if pair[0] in files else (pair[1], pair[0])
+                have, missing = pair if pair[0] in files else pair[::-1]
                 raise DataError(f'{p}: has {have} but not {missing}')
     return None
 
