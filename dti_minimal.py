@@ -560,7 +560,7 @@ def ablation(args, ds):
             blocks = data.target_blocks(evals[K][f'test_{way}'][0])
             r[f'test_auc_{way}_diff_ci'] = paired_ci(ds, blocks, logits(runs, way), logits(ref, way))
         r['speedup'] = ref[0]['median_time_per_target_ms'] / r['median_time_per_target_ms']
-        if r['k'] == K:  # the same steps as the SW row with its mask (filled in above), from the same weights
+        if r['k'] == K:  # same steps and weights as the SW row of its mask (SW rows come first: done)
             diff = np.abs(np.subtract(r['step_loss'], sw_rows[r['mask']]['step_loss']))
             over = np.flatnonzero(diff > 1e-4)
             r.update(paired_sw_row=sw_rows[r['mask']]['name'],
@@ -696,6 +696,7 @@ def flops_per_target(ds, prompts, config, most=50_000):
     total = sum(training_flops(config, b['block'], b['role'])
                 for b in (data.collate(ds, prompts[order[s:s + 64]]) for s in range(0, len(order), 64)))
     return total / int(data.prompt_targets(prompts).sum())
+
 # -----------------------------------------------------------------------------
 # reports: the table of a sw or dti run, seeds, and paired intervals (what a difference is worth)
 
