@@ -27,10 +27,11 @@ def results(folder):
     return json.loads((folder / 'results.json').read_text())
 
 
-def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path):
+@pytest.mark.parametrize('mode', ['dti', 'sw'])  # the sparse path, and the dense one
+def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path, mode):
     """With dropout, whose random state the checkpoint carries: the resumed run's step losses and
     metrics are the uninterrupted run's, bit for bit."""
-    flags = TINY + ['--epochs', '2', '--ckpt-every', '5', '--dropout', '0.1']  # dropout draws from the RNG
+    flags = TINY + ['--mode', mode, '--epochs', '2', '--ckpt-every', '5', '--dropout', '0.1']  # dropout: RNG
     assert cli(*flags, '--out', str(tmp_path / 'whole')).returncode == 0
     killed = tmp_path / 'killed'
     p = subprocess.Popen([sys.executable, 'dti_minimal.py', *flags, '--out', str(killed)], cwd=ROOT,
