@@ -399,6 +399,7 @@ def _item_texts(file):
     where, text = _text(file)
     sep, header, width, fields = _spec(ITEMS, where)
     if sep == ',':  # movies.csv: a title that holds a comma (or a line break) is quoted
+        csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # any title length, as in other formats
         reader = csv.reader(io.StringIO(text, newline=''))
         lines = [(reader.line_num, f) for f in reader if f]
     else:

@@ -452,6 +452,9 @@ def test_a_huge_title_is_cut_and_counted(tmp_path, capsys):
     res = dti_minimal.main(['--dataset', 'ml-100k', '--data-dir', folder, '--n', '3', '--k', '5', '--n-embd', '16',
                             '--epochs', '1', '--out', str(tmp_path / 'out')])
     assert res['targets_trained'] > 0 and '(1 item texts cut to 64 tokens)' in capsys.readouterr().out
+    huge = {**ITEMS, 3: ('Golden' * 40_000 + ' (1995)', ['Action'])}  # 240 KB: past csv's field limit too
+    for fmt, name in [('ml-1m', 'ml-1m'), ('csv', 'ml-20m'), ('recbole', 'ml-100k')]:
+        assert data.movielens(name, write(tmp_path / fmt, fmt, world(n_users=30, length=30), huge))['cut'] == 1
 
 
 def test_resume_refuses_other_data(tmp_path, capsys):
