@@ -453,7 +453,7 @@ def _ratings(file, texts, items_where):
 def _bad_line(where, text, sep, header, width, cols, lo, step):
     """Raise the DataError of a ratings file's first bad line: its field count, a value, or a line
     that repeats an earlier one."""
-    lines = [(i, line.split(sep)) for i, line in _lines(text)]
+    lines = [(i, line.replace(sep, '\t').split('\t')) for i, line in _lines(text, blank=True)]  # as loadtxt
     if len(lines) <= bool(header):
         raise DataError(f'{where}: empty file')
     seen = {}
@@ -488,10 +488,12 @@ def _text(file):
     return where, '\n'.join(lines)
 
 
-def _lines(text):
-    """[(line number, line)] of the non-blank lines, split on \\n (and \\r\\n) only: a title may hold
-    any other character, \\x85 or \\x0c (a latin-1 ellipsis, a form feed) among them."""
-    return [(i, line.removesuffix('\r')) for i, line in enumerate(text.split('\n'), 1) if line.strip()]
+def _lines(text, blank=False):
+    """[(line number, line)] of the non-blank lines (blank=True: of the non-empty ones, as np.loadtxt
+    takes them), split on \\n (and \\r\\n) only: a title may hold any other character, \\x85 or \\x0c
+    (a latin-1 ellipsis, a form feed) among them."""
+    lines = [(i, line.removesuffix('\r')) for i, line in enumerate(text.split('\n'), 1)]
+    return [(i, line) for i, line in lines if (line if blank else line.strip())]
 
 
 def _columns(where, fields, header, exact):
@@ -524,7 +526,8 @@ def _integer(where, i, value, what):
 
 def _float(value):
     """A field as a float, or None; ASCII only, as np.loadtxt reads it (Python's float takes 1_0)."""
-    ascii_float = re.fullmatch(r'\s*[+-]?([0-9.]+([eE][+-]?[0-9]+)?|inf|nan)\s*', value, re.I)
+    number = r'([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?'  # 1, 1., 1.5, .5, 1e9; not 1.2.3
+    ascii_float = re.fullmatch(rf'\s*[+-]?({number}|inf|nan)\s*', value, re.I)
     return float(value) if ascii_float else None
 
 # -----------------------------------------------------------------------------
@@ -558,8 +561,12 @@ def _locate(name, path):
     pairs = (GROUPLENS_FILES[name], (name + '.inter', name + '.item'))
     for p in (path, os.path.join(path, name), os.path.join(path, name + '.zip')):
         if os.path.isdir(p):
+            try:
+                names = os.listdir(p)
+            except OSError as e:
+                raise DataError(f'{p}: cannot be read ({e.strerror})')
             files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))]
-                     for f in os.listdir(p)}
+                     for f in names}
         elif os.path.isfile(p):
             files = _zip_files(p, name)
         else:

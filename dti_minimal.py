@@ -468,8 +468,8 @@ def compare(args, ds):
     s, logits = sw[0], lambda rs: [r['test_logits'] for r in rs]
     first = lambda rs, prefix: {f'{prefix}_{key}': rs[0][key] for key in (
         'flops_per_target', 'mfu', 'train_seconds', 'padding', 'attn', 'steps', 'step_loss')}
-    mean = lambda rs, prefix: {f'{prefix}_test_{m}': float(np.mean([r[f'test_{m}'] for r in rs]))
-                               for m in ('auc', 'logloss', 'f1')}
+    mean = lambda rs, prefix: {f'{prefix}_test_{m}': over_seeds(rs, f'test_{m}')[f'test_{m}_mean']
+                               for m in ('auc', 'logloss', 'f1')}  # None where an AUC is undefined
     ms = lambda rs: rs[0]['median_time_per_target_ms']
     sweep = [dict(k=k, dti_time_per_target_ms=ms(r), **first(r, 'dti'), **mean(r, 'dti'),
                   speedup=ms(sw) / ms(r),
@@ -826,6 +826,8 @@ def checkpoint_in(args):
     for key, kind in CKPT_TYPES.items():
         if not isinstance(ckpt.get(key), kind):
             die(f'{path}: a damaged checkpoint ({key!r} is missing or not a {kind.__name__})')
+    if any(torch.is_tensor(ckpt['args'].get(key)) for key in SHAPE_ARGS + RUN_ARGS):
+        die(f'{path}: a damaged checkpoint (a tensor among its flags)')
     show = lambda v: ','.join(map(str, v)) if isinstance(v, (list, tuple)) else v
     for key in SHAPE_ARGS + RUN_ARGS:
         old, new, flag = ckpt['args'].get(key), getattr(args, key), '--' + key.replace('_', '-')
@@ -837,6 +839,11 @@ def checkpoint_in(args):
             die(f'--resume: {flag} {show(new)} changes the model shape (the checkpoint has {show(old)})'
                 if key in SHAPE_ARGS else f'--resume: {flag} {show(new)} differs from the checkpoint '
                                           f'({show(old)}); a resumed run must be the same run')
+    done = ckpt['done']  # the results of the seeds before ckpt['seed'], in order
+    seeds_fit = [isinstance(r, dict) and r.get('seed') == args.seed + i for i, r in enumerate(done)]
+    if args.resume and (ckpt['seed'] != args.seed + len(done) or not all(seeds_fit)):
+        die(f"{path}: a damaged checkpoint (seed {ckpt['seed']} after {len(done)} finished seeds from --seed "
+            f"{args.seed})")
     return dict(ckpt, path=path) if args.resume else None
 
 
@@ -1097,7 +1104,8 @@ def check_out(args):
         for folder in made:
             if os.path.isdir(folder):
                 os.rmdir(folder)
-    for p in (os.path.join(args.out, name + tmp) for name in OUTPUTS[args.mode] for tmp in ('', '.tmp')):
+    for p in [os.path.join(args.out, name + tmp) for name in OUTPUTS[args.mode] for tmp in ('', '.tmp')] + \
+            [os.path.join(args.out, '.lock')]:
         if os.path.lexists(p) and not os.path.isfile(p):
             die(f'{p} exists and is not a file; the run would write it')
 
@@ -1132,8 +1140,8 @@ def lock_holder(path):
     moment: the run that made it may not have written its pid yet."""
     for _ in range(10):
         try:
-            with open(path) as f:
-                text = f.read()
+            with open(path, 'rb') as f:
+                text = f.read().decode('ascii', 'replace')  # any bytes: what is not a pid is stale
         except FileNotFoundError:
             return None
         if text:

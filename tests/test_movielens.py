@@ -164,6 +164,9 @@ def cli_error(capsys, folder, dataset='ml-100k'):
     ('1_0\t2\t3\t100', "u.data line 3: user id '1_0' is not a 64-bit integer"),
     ('\u0661\u0662\t2\t3\t100', "u.data line 3: user id '\u0661\u0662' is not a 64-bit integer"),
     ('1\t2\t3\t1_000', "u.data line 3: timestamp '1_000' is not a finite number"),
+    ('1\t2\t3\t1997.09.22', "u.data line 3: timestamp '1997.09.22' is not a finite number"),  # a date
+    ('1\t2\t..\t100', "u.data line 3: rating '..' is not a number in 1..5"),
+    ('\t', 'u.data line 3: 2 fields, expected 4'),  # a line of whitespace is not an empty line
     # GroupLens' older sets have whole stars only
     ('1\t2\t3.5\t100', "u.data line 3: rating '3.5' is not a number in 1..5 (whole stars)"),
 ])
@@ -173,6 +176,27 @@ def test_malformed_rating_lines(tmp_path, capsys, line, message):
     lines[2] = line
     open(os.path.join(folder, 'u.data'), 'w').write('\n'.join(lines) + '\n')
     assert message in cli_error(capsys, folder)
+
+
+def test_an_unreadable_data_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    """A folder this user may not list (root may list any, so the refusal is simulated)."""
+    folder, listdir = write(tmp_path / 'g', 'grouplens', world()), os.listdir
+
+    def refuse(path='.'):
+        if str(path).startswith(str(folder)):
+            raise PermissionError(13, 'Permission denied', path)
+        return listdir(path)
+    monkeypatch.setattr(os, 'listdir', refuse)
+    assert f'{folder}: cannot be read (Permission denied)' in cli_error(capsys, folder)
+
+
+def test_a_trailing_tab_in_ratings_dat_is_a_fifth_field(tmp_path, capsys):
+    """np.loadtxt reads '::' as a tab, so '1::2::3::100<tab>' holds five fields: the line is named."""
+    folder = write(tmp_path / 'm', 'ml-1m', world())
+    lines = open(os.path.join(folder, 'ratings.dat')).read().splitlines()
+    lines[2] += '\t'
+    open(os.path.join(folder, 'ratings.dat'), 'w').write('\n'.join(lines) + '\n')
+    assert 'ratings.dat line 3: 5 fields, expected 4' in cli_error(capsys, folder, 'ml-1m')
 
 
 @pytest.mark.parametrize('fmt, name, message', [
@@ -398,6 +422,9 @@ def test_a_one_class_test_split_gives_null_auc_and_a_warning(tmp_path, capsys):
     res = json.loads((out / 'results.json').read_text(), parse_constant=lambda c: pytest.fail(f'{c} in JSON'))
     assert res['test_auc'] is None and res['baseline_test_auc'] is None and 0 <= res['valid_auc'] <= 1
     assert res['test_logloss'] >= 0 and res['test_acc'] >= 0
+    cmp = dti_minimal.main(['--mode', 'compare', '--dataset', 'ml-100k', '--data-dir', str(tmp_path / 'g'), '--n', '3',
+                            '--k', '5', '--n-embd', '16', '--epochs', '1', '--out', str(tmp_path / 'cmp')])
+    assert cmp['sw_test_auc'] is None and cmp['dti_test_auc'] is None and cmp['test_auc_diff_ci'] is None
 
 
 # -----------------------------------------------------------------------------

@@ -302,8 +302,12 @@ def _record(value, field=2):  # field 2: the loss, 1: the step's target count
     (_record(0, field=1), 'step records in a run of 3 steps, or one no step writes'),
     (lambda c: c['model'].update({'transformer.ln_f.weight': c['model']['transformer.ln_f.weight'] * float('nan')}),
      'does not fit this run (non-finite weights)'),
+    (lambda c: c.update(done=['x']), 'a damaged checkpoint (seed 0 after 1 finished seeds from --seed 0)'),
+    (lambda c: c.update(seed=5), 'a damaged checkpoint (seed 5 after 0 finished seeds from --seed 0)'),
+    (lambda c: c['args'].update(n_layer=torch.tensor([2, 2])), 'a damaged checkpoint (a tensor among its flags)'),
 ], ids=['missing key', 'wrong type', 'no records', 'truncated weights', 'wrong shape', 'foreign AdamW', 'SGD',
-        'rng of another type', 'loss a string', 'loss None', 'loss NaN', 'no targets', 'NaN weights'])
+        'rng of another type', 'loss a string', 'loss None', 'loss NaN', 'no targets', 'NaN weights',
+        'a finished seed no run wrote', 'a seed outside the run', 'a tensor flag'])
 def test_a_damaged_checkpoint_is_one_line(damage, message, checkpoint_dir, tmp_path, capsys):
     ckpt = torch.load(checkpoint_dir / 'ckpt.pt', weights_only=True)
     damage(ckpt)
@@ -425,6 +429,9 @@ def test_the_lock_knows_its_holder(tmp_path, monkeypatch, capsys):
     finally:
         sleeper.kill()
         sleeper.wait()
+    (tmp_path / '.lock').write_bytes(b'\xff\xfe')  # not a pid: stale
+    dti_minimal.lock(folder)
+    dti_minimal.unlock()
     (tmp_path / '.lock').write_text('-1')
     dti_minimal.lock(folder)
     assert (tmp_path / '.lock').read_text() == str(os.getpid())
@@ -437,6 +444,10 @@ def test_the_lock_knows_its_holder(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit):
         dti_minimal.lock(folder)
     assert 'is in use by another run (pid 4321' in capsys.readouterr().err
+    os.remove(tmp_path / '.lock')
+    os.mkfifo(tmp_path / '.lock')  # reading it would wait for a writer forever
+    err = one_line_error(capsys, TINY + ['--out', folder])
+    assert f"{tmp_path / '.lock'} exists and is not a file" in err
 
 
 def test_two_runs_started_together_on_one_folder(tmp_path):
