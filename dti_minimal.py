@@ -139,7 +139,6 @@ def load_dataset(args):
     except data.DataError as e:
         die(str(e))
     print(data.describe(ds, args.n))
-    check_labels(ds, args.n)
     return ds
 
 
@@ -424,6 +423,7 @@ def train_and_report(args, ckpt=None):
 
 
 def main(argv=None):
+    WARNED.clear()  # each run says its warnings
     args = parse_args(argv)
     check_out(args)
     ckpt = checkpoint_in(args)  # --resume: the run to continue; a fresh run: no other run's checkpoint in DIR
@@ -966,6 +966,7 @@ def setup_distributed(args):
 OUTPUTS = dict(sw=['results.json', 'ckpt.pt'], dti=['results.json', 'ckpt.pt'], compare=['compare.json'],
                ablation=['ablation.json'], bench=['bench.json'])  # what each mode writes into --out
 HELD = []  # the lock files this process holds
+WARNED = set()  # the warnings printed so far
 
 
 def die(msg, code=2):
@@ -975,7 +976,9 @@ def die(msg, code=2):
 
 
 def warn(msg):
-    if not RANK:
+    """Once per message: compare and ablation prepare the same targets for every row."""
+    if not RANK and msg not in WARNED:
+        WARNED.add(msg)
         print(f'dti_minimal.py: warning: {msg}', file=sys.stderr)
 
 
@@ -1033,26 +1036,23 @@ def check_args(args):
         die('--resume continues a --mode sw or dti run')
     if not args.out.strip():
         die('--out must name a folder')
+    args.out = os.path.normpath(args.out)  # a/new/../b is a/b: no folder a/new is made on the way
     args.device = check_device(args.device, args.attn, args.dropout)
     return args
 
-def check_labels(ds, n):
-    """Train targets of one class are an error, valid or test targets of one class a warning."""
-    target = data.positions(ds) >= n
-    for split, name in enumerate(['train', 'valid', 'test']):  # a split without targets fails in prepare
-        labels = np.unique(ds['label'][target & (ds['split'] == split)])
-        if len(labels) == 1:
-            word = 'positive' if labels[0] else 'negative'
-            if split == 0:
-                die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
-            warn(f'the {name} targets are all {word}: their AUC is undefined, null in the results')
-
-
 def check_prompts(args, ds, mode, units, evals, pos=None):
-    """A run's train units and eval prompts: none empty, a schedule that fits in memory, and (with
-    learned positions: `pos`, by default --pos) no prompt longer than --block-size."""
+    """A run's train units and eval prompts: none empty, train targets of both classes (eval targets
+    of one class are a warning), a schedule that fits in memory, and (with learned positions: `pos`,
+    by default --pos) no prompt longer than --block-size."""
     if not len(units) or not all(len(prompts) for prompts, _ in evals.values()):
         die(f'{ds["name"]} has no train, valid or test targets with n={args.n} predecessors')
+    for name, prompts in [('train', units)] + [(name.split('_')[0], p) for name, (p, _) in evals.items()]:
+        labels = np.unique(data.target_labels(ds, prompts))
+        word = 'positive' if labels[0] else 'negative'
+        if len(labels) == 1 and name == 'train':
+            die(f'{ds["name"]}: the train targets are all {word}; nothing to learn')
+        if len(labels) == 1:
+            warn(f'the {name} targets are all {word}: their AUC is undefined, null in the results')
     if args.epochs * len(units) > 10_000_000:  # the schedule is held in memory
         die(f'--epochs {args.epochs} over {len(units)} streams plans {args.epochs * len(units)} stream draws '
             f'before step 1, more than 10000000')

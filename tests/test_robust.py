@@ -450,6 +450,18 @@ def test_the_lock_knows_its_holder(tmp_path, monkeypatch, capsys):
     assert f"{tmp_path / '.lock'} exists and is not a file" in err
 
 
+def test_scored_targets_of_one_class_are_a_warning_once(tmp_path, capsys):
+    """--max-eval-targets 1 scores one target a split: its AUC is undefined (null), which compare
+    says once per split, though it prepares those targets for every row. (And --out a/made/../out
+    is a/out: no folder a/made is left.)"""
+    out = os.path.join(tmp_path, 'made', '..', 'out')  # and a/made/../out makes a/out only
+    res = dti_minimal.main(TINY + ['--mode', 'compare', '--k', '5,10', '--max-eval-targets', '1', '--out', out])
+    err = capsys.readouterr().err
+    assert res['sw_test_auc'] is None and res['sweep'][1]['dti_test_auc'] is None
+    assert err.count('warning: the test targets are all') == 1 and err.count('warning: the valid targets are all') == 1
+    assert os.listdir(tmp_path) == ['out']
+
+
 def test_two_runs_started_together_on_one_folder(tmp_path):
     """The race that once ended in FileNotFoundError on ckpt.pt.tmp: one run trains, the other
     refuses in one line, and what is on disk is the first run's, whole."""
