@@ -384,6 +384,10 @@ def movielens(name, data_dir=None):
     order = np.lexsort((item, time, user))                      # by user, then time, then item
     user, item, rating, time = user[order], item[order], rating[order], time[order]
     split = np.searchsorted(np.quantile(time, [0.8, 0.9]), time, side='right')        # (N,)
+    for s, part in enumerate(['train', 'valid', 'test']):
+        if not (split == s).any():  # timestamps tied at a quantile: no --n could help
+            raise DataError(f'{ratings_file[0]}: no interaction falls in the {part} split (the split is by '
+                            f'timestamp at its 80% and 90% quantiles; too many timestamps are equal)')
     keys = sorted(texts)                                                            # item ids, sorted
     lengths = np.diff(np.flatnonzero(np.r_[True, user[1:] != user[:-1], True]))  # per user: its run
     return build_dataset(name, [texts[i] for i in keys], np.searchsorted(keys, item), rating >= 4,
@@ -400,8 +404,13 @@ def _item_texts(file):
     sep, header, width, fields = _spec(ITEMS, where)
     if sep == ',':  # movies.csv: a title that holds a comma (or a line break) is quoted
         csv.field_size_limit(max(csv.field_size_limit(), len(text)))  # any title length, as in other formats
-        reader = csv.reader(io.StringIO(text, newline=''))
-        lines = [(reader.line_num, f) for f in reader if f]
+        reader, lines, end = csv.reader(io.StringIO(text, newline=''), strict=True), [], 0
+        try:
+            for f in reader:
+                lines += [(reader.line_num, f)] if f else []
+                end = reader.line_num
+        except csv.Error as e:  # an unclosed quote would read on to the end of the file
+            raise DataError(f'{where} line {end + 1}: a quoted field that is not closed properly ({e})')
     else:
         lines = [(i, line.split(sep)) for i, line in _lines(text)]
     if len(lines) <= bool(header):
@@ -552,6 +561,10 @@ def find_movielens(name, data_dir=None):
         a, b = GROUPLENS_FILES[name]
         raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, '
                         f'or {name}.zip)')
+    other = re.split(r'[/\\:]', found[0][0])[-2].removesuffix('.zip')  # the folder (or zip) it is in
+    if other in MOVIELENS and other != name:  # ml-20m and ml-25m have the same files
+        raise DataError(f'{found[0][0]}: a file of {other} (so its folder says), not {name}; pass '
+                        f'--dataset {other}')
     return found
 
 
@@ -567,7 +580,7 @@ def _locate(name, path):
                 raise DataError(f'{p}: cannot be read ({e.strerror})')
             files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))]
                      for f in names}
-        elif os.path.isfile(p):
+        elif os.path.isfile(p) and p != os.path.join(path, name):  # a file `name` beside name.zip is not it
             files = _zip_files(p, name)
         else:
             continue
@@ -576,8 +589,8 @@ def _locate(name, path):
                 for f in pair:
                     if len(files[f]) > 1:
                         where = ', '.join(w[len(p) + 1:] for w, _ in files[f])
-                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({where}) and none in '
-                                        f'{name}/ or at the top')
+                        raise DataError(f'{p}: {f} occurs {len(files[f])} times ({where}); which one to read '
+                                        f'is unclear')
                 return files[pair[0]][0], files[pair[1]][0]
             if any(f in files for f in pair):
                 have, missing = pair if pair[0] in files else pair[::-1]
@@ -607,13 +620,14 @@ def _zip_files(path, name):
     except (zipfile.BadZipFile, OSError) as e:
         raise DataError(f'{path}: not a zip file ({e})')
     files = {}
+    folder = lambda m: os.path.dirname(m.filename.replace('\\', '/'))  # Windows zips may use backslashes
     for m in members:
         parts = m.filename.replace('\\', '/').split('/')
-        if m.filename.startswith(('/', '\\')) or re.match(r'[A-Za-z]:[/\\]', m.filename) or '..' in parts:
+        if parts[0] == '' or re.match(r'[A-Za-z]:$', parts[0]) or '..' in parts:
             raise DataError(f'{path}: refusing member {m.filename!r} (absolute path or ..)')
-        files.setdefault(os.path.basename(m.filename), []).append(m)
+        files.setdefault(parts[-1], []).append(m)
     for base, ms in files.items():
-        own = [m for m in ms if os.path.dirname(m.filename) in (name, '')]
+        own = [m for m in ms if folder(m) in (name, '')]
         files[base] = [(f'{path}:{m.filename}', functools.partial(_read_member, z, m, f'{path}:{m.filename}'))
                        for m in (own or ms)]
     return files

@@ -281,6 +281,7 @@ def test_csv_half_stars_and_labels(tmp_path):
     ('movies.csv', 'movieId,title', 0, 'movies.csv line 1: expected the header movieId,title,genres'),
     ('movies.csv', '3,GoldenEye, The (1995),Action', 3, 'movies.csv line 4: 4 fields, expected 3 (quote a title'),
     ('movies.csv', '1,Toy Story again (1995),Comedy', 3, 'movies.csv line 4: item 1 is listed twice (first on line 2)'),
+    ('movies.csv', '3,GoldenEye (1995),"Action', 3, 'movies.csv line 4: a quoted field that is not closed properly'),
 ])
 def test_csv_bad_lines(tmp_path, capsys, name, line, index, message):
     folder = write(tmp_path / 'c', 'csv', world())
@@ -345,12 +346,45 @@ def test_zip_members_are_picked_by_the_data_sets_folder(tmp_path):
     odd = zip_of(tmp_path / 'odd.zip', {'ml-100k/u.data': files['u.data'], 'ml-100k/u.item': files['u.item'],
                                         'other/u.data': b'garbage', 'notes:2024.txt': b'a harmless name'})
     assert same(ref, data.movielens('ml-100k', odd))
+    windows = zip_of(tmp_path / 'windows.zip', {'ml-100k\\u.data': files['u.data'], 'ml-100k\\u.item': files['u.item'],
+                                                'other\\u.data': b'garbage'})  # folders written with \\
+    assert same(ref, data.movielens('ml-100k', windows))
+    beside = tmp_path / 'beside'  # a file named ml-100k (notes, say) beside ml-100k.zip is not the data
+    beside.mkdir()
+    os.replace(windows, beside / 'ml-100k.zip')
+    (beside / 'ml-100k').write_text('my notes')
+    assert same(ref, data.movielens('ml-100k', str(beside)))
 
 
 def test_an_ambiguous_zip_is_one_line(tmp_path, capsys):
     path = zip_of(tmp_path / 'two.zip', {'a/u.data': '1\t1\t4\t1\n', 'b/u.data': '1\t1\t4\t1\n',
                                          'a/u.item': '1|t|||x|' + '|'.join('0' * 19) + '\n'})
-    assert 'u.data occurs 2 times (a/u.data, b/u.data) and none in ml-100k/ or at the top' in cli_error(capsys, path)
+    assert 'u.data occurs 2 times (a/u.data, b/u.data); which one to read is unclear' in cli_error(capsys, path)
+    with pytest.warns(UserWarning, match='Duplicate name'):  # one member written twice in the same folder
+        twice = zip_of(tmp_path / 'twice.zip', {'ml-100k/u.item': '1|t|||x|' + '|'.join('0' * 19) + '\n'})
+        with zipfile.ZipFile(twice, 'a') as z:
+            z.writestr('ml-100k/u.data', '1\t1\t4\t1\n')
+            z.writestr('ml-100k/u.data', '1\t1\t4\t2\n')
+    assert 'u.data occurs 2 times (ml-100k/u.data, ml-100k/u.data); which one to read is unclear' in \
+        cli_error(capsys, twice)
+
+
+def test_ml_20m_files_are_not_taken_for_ml_25m(tmp_path, capsys):
+    """Both hold ratings.csv and movies.csv: the folder or zip they are in tells them apart."""
+    folder = write(tmp_path / 'ml-20m', 'csv', world())
+    assert 'ratings.csv: a file of ml-20m (so its folder says), not ml-25m; pass --dataset ml-20m' in \
+        cli_error(capsys, folder, 'ml-25m')
+    path = zip_of(tmp_path / 'ml-20m.zip', {f'ml-20m/{name}': open(os.path.join(folder, name), 'rb').read()
+                                             for name in ('ratings.csv', 'movies.csv')})
+    assert 'ml-20m.zip:ml-20m/ratings.csv: a file of ml-20m' in cli_error(capsys, path, 'ml-25m')
+    assert len(data.movielens('ml-20m', path)['label']) == len(world())
+
+
+def test_timestamps_that_leave_a_split_empty_are_one_line(tmp_path, capsys):
+    """All timestamps equal: every interaction falls at the 90% quantile, in test; the message says
+    so rather than blaming --n."""
+    folder = write(tmp_path / 'g', 'grouplens', [(u, i, 1 + i % 5, 5000) for u in range(1, 4) for i in ITEMS])
+    assert 'u.data: no interaction falls in the train split (the split is by timestamp' in cli_error(capsys, folder)
 
 
 def _corrupt(raw):  # flip bytes inside the first member's deflate stream
