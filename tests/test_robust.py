@@ -66,6 +66,14 @@ def test_resume_with_seeds_continues_the_seed_it_was_killed_in(tmp_path):
     p.wait()
     ckpt = torch.load(killed / 'ckpt.pt', weights_only=True)
     assert ckpt['seed'] == 1 and len(ckpt['done']) == 1 and not (killed / 'results.json').exists()
+    damaged = tmp_path / 'damaged'  # a hand-edited finished seed whose results the report cannot read
+    damaged.mkdir()
+    del ckpt['done'][0]['test_logits']
+    torch.save(ckpt, damaged / 'ckpt.pt')
+    r = cli(*flags, '--out', str(damaged), '--resume')
+    assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
+    assert "a damaged checkpoint (its finished seeds' results are not this run's)" in r.stderr
+    assert sorted(os.listdir(damaged)) == ['ckpt.pt']
     assert cli(*flags, '--out', str(killed), '--resume').returncode == 0
     a, b = results(tmp_path / 'whole'), results(killed)
     assert a['test_auc_seeds'] == b['test_auc_seeds'] and len(set(a['test_auc_seeds'])) == 2
