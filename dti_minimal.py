@@ -411,7 +411,7 @@ def train_and_report(args, ckpt=None):
         done.append(run(args, ds, args.mode, args.ks[0], prepared, seed, save=lambda s: save_checkpoint(
             args.out, {**s, **state}), resume=ckpt if ckpt and ckpt['seed'] == seed else None))
     shape = lambda r: {key: (type(v), len(v) if key == 'test_logits' else 0) for key, v in r.items()}
-    if any(shape(r) != shape(done[-1]) for r in done):  # only a hand-edited checkpoint gets here
+    if ckpt and any(shape(r) != shape(done[-1]) for r in done):  # only a hand-edited checkpoint gets here
         die(f"{ckpt['path']}: a damaged checkpoint (its finished seeds' results are not this run's)")
     blocks = data.target_blocks(prepared[1]['test'][0])
     base = baseline(ds, args.n, blocks)
