@@ -255,6 +255,7 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
             pending, t0 = [], time.perf_counter()
         if saving or (save and last):
             save(dict(model=model, optimizer=opt, records=records, epoch=schedule[step][0]))
+            t0 = time.perf_counter()                                           # a write is no step's time
     bar.close()
     check_weights(model, len(schedule), schedule[-1][0], save and args.out)
     return records
@@ -781,7 +782,8 @@ def paired_ci(ds, blocks, a, b, resamples=1000):
 CKPT_FORMAT = 'dti-minimal checkpoint v2'
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
 RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs',  # what a resumed
-            'max_train_targets', 'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn']  # run keeps
+            'max_train_targets', 'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn',  # run keeps
+            'max_eval_targets', 'eval_mode']
 CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict, data=str, seed=int,
                   done=list)
 
@@ -831,7 +833,8 @@ def checkpoint_in(args):
             die(f'{path}: a damaged checkpoint ({key!r} is missing or not a {kind.__name__})')
     if any(torch.is_tensor(ckpt['args'].get(key)) for key in SHAPE_ARGS + RUN_ARGS):
         die(f'{path}: a damaged checkpoint (a tensor among its flags)')
-    show = lambda v: ','.join(map(str, v)) if isinstance(v, (list, tuple)) else v
+    show = lambda v: 'not given' if v is None else ','.join(map(str, v)) if isinstance(v, (list, tuple)) \
+        else v
     for key in SHAPE_ARGS + RUN_ARGS:
         old, new, flag = ckpt['args'].get(key), getattr(args, key), '--' + key.replace('_', '-')
         flag = '--k' if key == 'ks' else flag

@@ -88,6 +88,14 @@ def test_checkpoint_holds_the_whole_state_and_loads_safely(tmp_path):
     assert len(ckpt['records']) == results(tmp_path)['steps'] and not list(tmp_path.glob('*.tmp'))
 
 
+
+def test_writing_a_checkpoint_is_not_counted_as_training_time(tmp_path, monkeypatch):
+    """Each checkpoint write is made to take 3 s: the step times (train_seconds) exclude them."""
+    write = dti_minimal.save_checkpoint
+    monkeypatch.setattr(dti_minimal, 'save_checkpoint', lambda *a: (write(*a), time.sleep(3)))
+    res = dti_minimal.main(TINY + ['--max-train-targets', '200', '--ckpt-every', '2', '--out', str(tmp_path)])
+    assert res['steps'] >= 3 and res['train_seconds'] < 3
+
 @pytest.mark.parametrize('flags,message', [
     (['--weight-decay', '1e300', '--batch-size', '20', '--ckpt-every', '1'], 'the weights are not finite after step 1'),
     (['--lr', '1e9', '--max-train-targets', '20', '--batch-size', '20'], 'the trained model gives non-finite logits'),
@@ -245,6 +253,8 @@ def test_no_cuda_device_here(capsys):
     (['--lr', '0.01'], '--resume: --lr 0.01 differs from the checkpoint (0.001)'),
     (['--k', '7'], '--resume: --k 7 differs from the checkpoint (10)'),
     (['--seeds', '2'], '--resume: --seeds 2 differs from the checkpoint (1)'),
+    (['--eval-mode', 'dti'], '--resume: --eval-mode dti differs from the checkpoint (sw)'),
+    (['--max-eval-targets', '50'], '--resume: --max-eval-targets 50 differs from the checkpoint (not given)'),
 ])
 def test_resume_with_other_arguments(flags, message, checkpoint_dir, capsys):
     before = hashlib.sha256((checkpoint_dir / 'ckpt.pt').read_bytes()).hexdigest()
