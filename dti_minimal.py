@@ -106,7 +106,8 @@ def parse_args(argv=None):
         'sparse for DTI streams; --mode bench times them); flex: FlexAttention, CUDA only')
     # training
     add('--epochs', type=int, default=4, help='passes over the training targets')
-    add('--batch-size', type=int, default=256, help='at least this many targets a step (whole units)')
+    add('--batch-size', type=int, default=256, help='targets a step: whole units up to at least this many '
+                                                     '(the last batch of a pool may hold fewer)')
     add('--lr', type=float, default=3e-3, help='peak learning rate (AdamW; warm-up, then cosine decay)')
     add('--weight-decay', type=float, default=0.01, help='AdamW weight decay of matrices and embeddings')
     add('--seed', type=int, default=0, help='model init and batch order (the data is fixed)')
@@ -349,13 +350,14 @@ def baseline(ds, n, blocks, most=1_000_000):
     (on `most` evenly spaced ones beyond that); returns its logits of the targets `blocks`."""
     y, train = ds['label'], ds['split'] == 0
     _, items = np.unique(ds['item'], return_inverse=True)                    # ids -> 0 .. n_items-1
-    pos = np.bincount(items[train], weights=y[train], minlength=items.max() + 1)    # (n_items,)
-    count = np.bincount(items[train], minlength=items.max() + 1)                    # (n_items,)
+    item_likes = np.bincount(items[train], weights=y[train], minlength=items.max() + 1)  # (n_items,)
+    item_views = np.bincount(items[train], minlength=items.max() + 1)                    # (n_items,)
+    prior = 10 * item_likes.sum() / item_views.sum()         # the likes of 10 views at the overall rate
     liked = np.r_[0, np.cumsum(y, dtype=np.int64)]           # liked[t]: likes among blocks 0 .. t-1
 
     def features(t):                                         # t: targets, n predecessors in their user
         own = train[t]                                       # a train target leaves its own label out
-        item_rate = (pos[items[t]] - own * y[t] + 10 * pos.sum() / count.sum()) / (count[items[t]] - own + 10)
+        item_rate = (item_likes[items[t]] - own * y[t] + prior) / (item_views[items[t]] - own + 10)
         return np.stack([item_rate, (liked[t] - liked[t - n]) / n], 1)      # t-n is still t's user
     fit = np.flatnonzero((data.positions(ds) >= n) & train)
     fit = fit[np.linspace(0, len(fit) - 1, min(most, len(fit))).astype(np.int64)]
@@ -455,8 +457,9 @@ def main(argv=None):
 
 
 def compare(args, ds):
-    """SW and DTI step for step: the same initial weights, data, mask and steps, SW step j on the
-    targets of DTI step j; per seed, one SW run and one DTI run per k. Speed-ups are ratios of
+    """SW and DTI step for step: per seed, one SW run and one DTI run per k, all from the same initial
+    weights on the same data and mask. SW trains on the batches of the first k, so SW step j takes
+    the targets of DTI step j at that k (another k batches other units). Speed-ups are ratios of
     median step times per target of the first seed's runs, in this process."""
     evals = {k: eval_prompts(args, ds, args.eval_mode, k) for k in args.ks}  # the same targets for every k
     prepared = {('sw', args.ks[0]): prepare(args, ds, 'sw', args.ks[0], evals[args.ks[0]]),
@@ -534,7 +537,8 @@ ABLATION = [  # (name, mode, mask, pos): pos None is --pos
 def ablation(args, ds):
     """The paper's ablation on this code: SW with the standard (causal) and the isolated mask, and
     DTI with {window, isolated} x {learned, ALiBi} for every k of --k, all from the same initial
-    weights on the same targets and steps, once per seed. Every model is scored twice: on SW
+    weights on the same targets, once per seed; the SW rows train once, on the batches of the
+    largest k, so they take the steps of its DTI rows. Every model is scored twice: on SW
     prompts (how a deployed model meets one new target) and on streams of its k (SW rows: the
     largest k, on whose batches they train). Each row gets a paired interval against the first."""
     K = max(args.ks)
@@ -609,7 +613,7 @@ def print_ablation(res, path):
 
 def bench(args):
     """Block-sparse vs dense attention (and FlexAttention on CUDA), forward + backward on one long
-    stream (n context blocks, 440 targets: about 4,000 tokens), interleaved; on CUDA each timing
+    stream (n context blocks, then 440 targets: 3,631 tokens at n=20), interleaved; on CUDA each timing
     waits for the device."""
     ds = data.synthetic(n_users=1, min_len=args.n + 440, max_len=args.n + 440, n=args.n)
     b = to_device(data.collate(ds, data.dti_streams(np.array([[0, args.n + 440]]), args.n, 440)), args.device)
@@ -751,11 +755,11 @@ def weighted_auc(scores, labels, weights):
     share of (positive, negative) pairs ranked right, a tie counting half. -> (R,)"""
     order = np.argsort(scores, kind='stable')
     s, y, w = scores[order], labels[order], weights[:, order]
-    first = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])                      # each run of equal scores
-    run = np.repeat(np.arange(len(first)), np.diff(np.r_[first, len(s)]))      # (N,) its run
-    neg = np.add.reduceat(np.where(y == 0, w, 0.0), first, axis=1)             # (R, runs) negatives in a run
-    pos = np.where(y == 1, w, 0.0)                                             # (R, N)
-    return (pos * (np.cumsum(neg, 1) - 0.5 * neg)[:, run]).sum(1) / (pos.sum(1) * neg.sum(1))
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])                     # each group of tied scores
+    tie = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(s)]))   # (N,) its group
+    w0 = np.add.reduceat(np.where(y == 0, w, 0.0), starts, axis=1)             # (R, groups) negatives' weight
+    w1 = np.where(y == 1, w, 0.0)                                              # (R, N) positives' weight
+    return (w1 * (np.cumsum(w0, 1) - 0.5 * w0)[:, tie]).sum(1) / (w1.sum(1) * w0.sum(1))
 
 
 def paired_ci(ds, blocks, a, b, resamples=1000):

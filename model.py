@@ -143,8 +143,8 @@ def sparse_tiles(block, role, n, kind, n_head, slopes=None, tile=32):
 
     Rows and filler. Each group's rows are moved to the front of a (B, T) ordering (stable, so
     in token order) and cut into tiles of `tile` slots. A prompt with fewer rows than the longest
-    one in the batch fills its last slots with whatever follows; `real` marks those filler slots,
-    whose mask row is all True (never a fully masked row) and whose output is thrown away.
+    one in the batch fills its last slots with whatever follows; `real` is False in those filler
+    slots, whose mask row is all True (never a fully masked row) and whose output is thrown away.
 
     Key ranges. Every row q of block b may read keys from the first token of block b - reach up
     to q itself (causality), so a tile reads one contiguous range [lo, hi): lo = the first token
@@ -364,8 +364,9 @@ class GPT(nn.Module):
         return x @ (yes - no)                                                  # (B, T)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas=(0.9, 0.999)):
-        """AdamW as nanoGPT configures it: weight decay on matrices and embeddings (every parameter
-        of two or more dimensions), none on biases and layer norms. Fused: one kernel a step."""
+        """AdamW grouped as nanoGPT does: weight decay on matrices and embeddings (every parameter of
+        two or more dimensions), none on biases and layer norms (torch's default betas, not nanoGPT's
+        beta2 0.95). Fused: one kernel a step."""
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [dict(params=[p for p in params if p.dim() >= 2], weight_decay=weight_decay),
                   dict(params=[p for p in params if p.dim() < 2], weight_decay=0.0)]

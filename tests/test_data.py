@@ -92,11 +92,11 @@ def test_collate_pads_right(rng):
 
 
 def test_segments_give_each_split_its_targets_with_full_windows():
-    first = [([i], i % 2) for i in range(10)]                      # user 0: blocks 0 .. 9
-    ds = from_histories([[([99], 1)] * 3, first], [[0, 0, 0], [0] * 6 + [1] * 2 + [2] * 2],
-                             [np.full(3, np.nan), np.arange(10) / 10])  # user 1 (3 blocks) comes first
+    long = [([i], i % 2) for i in range(10)]                       # user 1: global blocks 3 .. 12
+    ds = from_histories([[([99], 1)] * 3, long], [[0, 0, 0], [0] * 6 + [1] * 2 + [2] * 2],
+                             [np.full(3, np.nan), np.arange(10) / 10])  # user 0 (3 blocks) comes first
     n = 4
-    runs, prob = data.segments(ds, 0, n)  # user 1 has no train target with 4 predecessors
+    runs, prob = data.segments(ds, 0, n)  # user 0 has no train target with 4 predecessors
     assert runs.tolist() == [[3, 9]] and prob.tolist() == [0.4, 0.5]
     runs, prob = data.segments(ds, 1, n)  # context comes from the train split: history is history
     assert runs.tolist() == [[5, 11]] and prob.tolist() == [0.6, 0.7]

@@ -520,7 +520,7 @@ def test_a_huge_title_is_cut_and_counted(tmp_path, capsys):
 
 def test_resume_refuses_other_data(tmp_path, capsys):
     """The checkpoint holds a fingerprint of the data set: resuming on a folder with other item
-    texts (a finished run, or one killed mid-way) is one line, and nothing is rewritten."""
+    texts is one line, and nothing is rewritten."""
     flags = ['--dataset', 'ml-100k', '--n', '3', '--k', '5', '--n-embd', '16', '--epochs', '1']
     a = write(tmp_path / 'a', 'grouplens', world(n_users=30, length=30))
     b = write(tmp_path / 'b', 'grouplens', world(n_users=30, length=30), {**ITEMS, 3: ('Other (1990)', ['Drama'])})

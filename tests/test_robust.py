@@ -1,5 +1,5 @@
 """Runs that survive: checkpoints and exact resume after SIGKILL, a non-finite loss, torchrun with
-two processes, and the bad-input table of README (one line naming the problem, exit code 2)."""
+two processes, and the bad-input table (README sums it up: one line naming the problem, exit 2)."""
 import hashlib
 import json
 import os
@@ -144,7 +144,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# the bad-input table (README lists the same rows)
+# the bad-input table (README's bad-input summary sums it up)
 
 
 @pytest.fixture(scope='module')

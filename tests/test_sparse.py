@@ -138,9 +138,9 @@ def test_flex_block_mask_holds_exactly_the_masks_pairs():
 
 
 def test_a_training_step_compiles_whole_with_a_precomputed_plan():
-    """With the attention plan built before the step (as the trainer does), forward, loss and
-    backward compile as one graph: torch.compile(fullgraph=True) raises at any graph break. The
-    compiled step gives the eager loss and gradients."""
+    """With the attention plan built before the step (as the trainer does), forward and loss
+    compile as one graph: torch.compile(fullgraph=True) raises at any graph break. The compiled
+    step gives the eager loss, and its backward the eager gradients."""
     rng = np.random.default_rng(0)
     b = pad(dti_streams(random_history(rng, 24, 7), 3, 5) + sw_prompts(random_history(rng, 9), 3))
     net = small_model(n=3, std=0.1, attn='sparse').train()
