@@ -17,6 +17,7 @@ A prompt (SW) or a stream (DTI) is a run of consecutive blocks of one user, held
 import csv
 import functools
 import hashlib
+import http.client
 import io
 import math
 import os
@@ -553,15 +554,14 @@ def find_movielens(name, data_dir=None):
     if data_dir is None:
         if _locate(name, cache_dir()) is None:
             download(name, cache_dir())
-        return _locate(name, cache_dir())
-    if not os.path.exists(data_dir):
+        found = _locate(name, cache_dir())
+    elif not os.path.exists(data_dir):
         raise DataError(f'--data-dir {data_dir} does not exist')
-    found = _locate(name, data_dir)
-    if found is None:
+    elif (found := _locate(name, data_dir)) is None:
         a, b = GROUPLENS_FILES[name]
         raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, '
                         f'or {name}.zip)')
-    other = re.split(r'[/\\:]', found[0][0])[-2].removesuffix('.zip')  # the folder (or zip) it is in
+    other = re.split(r'[/\\:]', os.path.abspath(found[0][0]))[-2].removesuffix('.zip')  # its folder (or zip)
     if other in MOVIELENS and other != name:  # ml-20m and ml-25m have the same files
         raise DataError(f'{found[0][0]}: a file of {other} (so its folder says), not {name}; pass '
                         f'--dataset {other}')
@@ -645,6 +645,7 @@ def _read_member(z, member, where):
 def download(name, folder):
     """The official zip into `folder`: a temporary file, md5 checked, then renamed; nothing else is left."""
     url, md5 = MOVIELENS[name]
+    made = not os.path.isdir(folder)  # and so removed again if nothing lands in it
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
@@ -664,10 +665,12 @@ def download(name, folder):
             raise DataError(f'{url}: md5 {digest.hexdigest()} is not the expected {md5}; nothing was kept')
         _zip_files(tmp, name)  # a zip, with safe member names
         os.replace(tmp, os.path.join(folder, name + '.zip'))
-    except OSError as e:  # urllib's errors are OSErrors
+    except (OSError, http.client.HTTPException, ValueError) as e:  # urllib's, a cut-off read, a bad proxy
         raise DataError(f'{name}: no files found and the download of {url} failed ({getattr(e, "reason", e)})'
                         f'; put {name}.zip or its extracted folder in {folder} (or $DTI_DATA), or pass '
                         f'--data-dir')
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if made and not os.listdir(folder):  # a failed download leaves no empty cache folder either
+            os.rmdir(folder)

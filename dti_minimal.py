@@ -401,9 +401,7 @@ def train_and_report(args, ckpt=None):
     test AUC against the baseline's), print the table."""
     t0 = time.perf_counter()
     ds = load_dataset(args)
-    if ckpt and ckpt['data'] != data.fingerprint(ds):
-        die(f"--resume: the data set differs from the checkpoint's ({ds['name']} has the fingerprint "
-            f"{data.fingerprint(ds)}, the checkpoint {ckpt['data']}); a resumed run must be the same run")
+    ckpt = run_to_continue(ckpt, ds, args.resume)  # None for a fresh run
     prepared = prepare(args, ds, args.mode, args.ks[0], eval_prompts(args, ds, args.eval_mode, args.ks[0]))
     prepare_seconds, prepare_peak_rss_mb = time.perf_counter() - t0, peak_rss_mb()
     print(f'data prepared in {prepare_seconds:.1f}s, peak memory so far {prepare_peak_rss_mb:.0f} MB')
@@ -431,11 +429,11 @@ def train_and_report(args, ckpt=None):
 def main(argv=None):
     WARNED.clear()  # each run says its warnings
     args = parse_args(argv)
-    check_out(args)
-    ckpt = checkpoint_in(args)  # --resume: the run to continue; a fresh run: no other run's checkpoint in DIR
-    setup_distributed(args)
     warnings.simplefilter('ignore')  # stderr holds this program's lines only (no numpy overflow notes)
     try:
+        check_out(args)
+        ckpt = checkpoint_in(args)  # a checkpoint in DIR: the run to continue, or one of the same flags
+        setup_distributed(args)
         if args.mode in ('sw', 'dti'):
             return train_and_report(args, ckpt)
         if args.mode == 'bench':
@@ -817,9 +815,9 @@ def save_checkpoint(folder, state):
 
 
 def checkpoint_in(args):
-    """--resume: DIR/ckpt.pt checked against this run's flags, any problem one line. A fresh sw or
-    dti run may overwrite a checkpoint of the same flags (it recomputes the same run), not
-    another run's: that is refused in one line."""
+    """DIR/ckpt.pt, if any, checked against this run's flags, any problem one line: the run to
+    continue (--resume), or one a fresh sw or dti run may overwrite, since it has the same flags
+    (the same run, if its data set is too: train_and_report checks that)."""
     path = os.path.join(args.out, 'ckpt.pt')
     if args.resume and not os.path.isfile(path):
         die(f'--resume: no checkpoint at {path}')
@@ -854,7 +852,19 @@ def checkpoint_in(args):
     if args.resume and (ckpt['seed'] != args.seed + len(done) or not all(seeds_fit)):
         die(f"{path}: a damaged checkpoint (seed {ckpt['seed']} after {len(done)} finished seeds from --seed "
             f"{args.seed})")
-    return dict(ckpt, path=path) if args.resume else None
+    return dict(ckpt, path=path)
+
+
+def run_to_continue(ckpt, ds, resume):
+    """The checkpoint of checkpoint_in once its data set is known to be `ds`, if --resume; else None
+    (a fresh run may then overwrite it). Another data set is one line."""
+    fingerprint = data.fingerprint(ds)
+    if ckpt and ckpt['data'] != fingerprint:
+        differs = f"({ds['name']} has the fingerprint {fingerprint}, the checkpoint {ckpt['data']})"
+        die(f"--resume: the data set differs from the checkpoint's {differs}; a resumed run must be the same "
+            f"run" if resume else f"{ckpt['path']} holds a run on another data set {differs}; pass another "
+            f"--out")
+    return ckpt if resume else None
 
 
 def restore(ckpt, model, opt, n_steps):
@@ -1022,6 +1032,8 @@ def check_args(args):
     args.ks = args.ks or ([5, 50] if args.mode == 'ablation' else [50])
     if not 1 <= min(args.ks) <= max(args.ks) <= 100_000:
         die(f'argument --k: must be at least 1 and at most 100000, got {",".join(map(str, args.ks))}')
+    if len(set(args.ks)) < len(args.ks):
+        die(f'argument --k: {next(k for k in args.ks if args.ks.count(k) > 1)} is listed twice')
     if len(args.ks) > 1 and args.mode not in ('compare', 'ablation'):
         die('a list of k values is a sweep: use it with --mode compare or ablation')
     if args.users * args.history[1] > 12_000_000:
@@ -1029,8 +1041,9 @@ def check_args(args):
             f'more than this script generates (at most 12000000)')
     if args.n_embd % args.n_head:
         die(f'--n-embd {args.n_embd} is not divisible by --n-head {args.n_head}')
+    learned = args.pos == 'learned' or args.mode == 'ablation'  # ablation trains learned positions too
     params = data.VOCAB_SIZE * args.n_embd + args.n_layer * 12 * args.n_embd ** 2 + \
-        (args.block_size * args.n_embd if args.pos == 'learned' else 0)  # ALiBi has no position table
+        (args.block_size * args.n_embd if learned else 0)  # ALiBi has no position table
     memory = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
     if 16 * params > memory:  # weights, gradients and AdamW's two moments in fp32
         die(f'a model of {params / 1e9:.1f}B parameters needs {16 * params / 2**30:.0f} GiB to train, '
@@ -1109,7 +1122,8 @@ def check_out(args):
             os.mkdir(folder)
         tempfile.NamedTemporaryFile(dir=args.out, prefix='.dti-probe-').close()  # made, then removed
     except OSError:
-        die(f'output folder {args.out} cannot be written')
+        die(f'--out {args.out} is a file, not a folder' if os.path.isfile(args.out) else
+            f'output folder {args.out} cannot be written')
     finally:
         for folder in made:
             if os.path.isdir(folder):
@@ -1125,11 +1139,12 @@ def lock(folder):
     this process's pid; a lock whose process still runs is refused in one line, a stale one (its
     process gone) is taken over, and this process's own is kept (a notebook may run compare twice).
     unlock() releases it when main returns or exits."""
-    path = os.path.join(folder, '.lock')
+    path, made = os.path.join(folder, '.lock'), False
     for _ in range(2 * (not RANK)):
         try:
             os.makedirs(folder, exist_ok=True)
             with open(path, 'x') as f:
+                made = True
                 f.write(str(os.getpid()))
             return HELD.append(path)
         except FileExistsError:
@@ -1141,8 +1156,10 @@ def lock(folder):
                     f'--out')
             with contextlib.suppress(FileNotFoundError):  # another run may have removed it already
                 os.remove(path)  # stale: its run is gone
-        except OSError as e:
-            die(f'cannot write {path} ({e.strerror})', code=1)
+        except OSError as e:  # a full disk: the empty lock file is removed again
+            if made:
+                os.remove(path)
+            die(f'cannot write {path} ({e.strerror}); stopped', code=1)
 
 
 def lock_holder(path):

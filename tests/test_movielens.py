@@ -5,8 +5,10 @@ import subprocess
 import sys
 import tempfile
 import hashlib
+import http.client
 import json
 import os
+import urllib.request
 import zipfile
 
 import numpy as np
@@ -251,7 +253,9 @@ def test_download_is_md5_checked_then_cached(tmp_path, monkeypatch):
 def test_wrong_md5_keeps_nothing(tmp_path, monkeypatch, capsys):
     cache = serve(monkeypatch, tmp_path, md5='0' * 32)
     assert 'is not the expected 000' in cli_error(capsys, None)
-    assert os.listdir(cache) == []
+    assert not cache.exists()  # not even the cache folder it made
+    cache.mkdir()  # a cache folder that was there is kept
+    assert 'is not the expected 000' in cli_error(capsys, None) and os.listdir(cache) == []
 
 
 def test_no_network_no_files_says_where_to_put_them(tmp_path, monkeypatch, capsys):
@@ -259,7 +263,17 @@ def test_no_network_no_files_says_where_to_put_them(tmp_path, monkeypatch, capsy
     monkeypatch.setitem(data.MOVIELENS, 'ml-100k', ('file:///nowhere/ml-100k.zip', 'x'))
     err = cli_error(capsys, None)
     assert 'download of file:///nowhere/ml-100k.zip failed' in err and f'put ml-100k.zip or its extracted folder in {cache}' in err
-    assert os.listdir(cache) == []
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize('error', [http.client.InvalidURL("nonnumeric port: 'notaport'"),  # a bad https_proxy
+                                   http.client.IncompleteRead(b'')])  # the connection cut mid-way
+def test_a_download_failing_outside_oserror_is_one_line(error, tmp_path, monkeypatch, capsys):
+    serve(monkeypatch, tmp_path)
+    def fail(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(urllib.request, 'urlopen', fail)
+    assert 'ml-100k: no files found and the download of file://' in cli_error(capsys, None)
 
 
 # -----------------------------------------------------------------------------
@@ -369,11 +383,16 @@ def test_an_ambiguous_zip_is_one_line(tmp_path, capsys):
         cli_error(capsys, twice)
 
 
-def test_ml_20m_files_are_not_taken_for_ml_25m(tmp_path, capsys):
-    """Both hold ratings.csv and movies.csv: the folder or zip they are in tells them apart."""
+def test_ml_20m_files_are_not_taken_for_ml_25m(tmp_path, capsys, monkeypatch):
+    """Both hold ratings.csv and movies.csv: the folder or zip they are in tells them apart, however
+    the folder is named (a relative path, '.') or found ($DTI_DATA)."""
     folder = write(tmp_path / 'ml-20m', 'csv', world())
     assert 'ratings.csv: a file of ml-20m (so its folder says), not ml-25m; pass --dataset ml-20m' in \
         cli_error(capsys, folder, 'ml-25m')
+    monkeypatch.chdir(folder)
+    assert 'a file of ml-20m (so its folder says)' in cli_error(capsys, '.', 'ml-25m')
+    monkeypatch.setenv('DTI_DATA', folder)
+    assert 'a file of ml-20m (so its folder says)' in cli_error(capsys, None, 'ml-25m')
     path = zip_of(tmp_path / 'ml-20m.zip', {f'ml-20m/{name}': open(os.path.join(folder, name), 'rb').read()
                                              for name in ('ratings.csv', 'movies.csv')})
     assert 'ml-20m.zip:ml-20m/ratings.csv: a file of ml-20m' in cli_error(capsys, path, 'ml-25m')
@@ -529,4 +548,7 @@ def test_resume_refuses_other_data(tmp_path, capsys):
     before = {name: (out / name).read_bytes() for name in ('ckpt.pt', 'results.json')}
     err = one_line_error(capsys, flags + ['--data-dir', b, '--out', str(out), '--resume'])
     assert "--resume: the data set differs from the checkpoint's (ml-100k has the fingerprint" in err
+    assert before == {name: (out / name).read_bytes() for name in ('ckpt.pt', 'results.json')}
+    err = one_line_error(capsys, flags + ['--data-dir', b, '--out', str(out)])  # nor does a fresh run replace it
+    assert f"{out / 'ckpt.pt'} holds a run on another data set (ml-100k has the fingerprint" in err
     assert before == {name: (out / name).read_bytes() for name in ('ckpt.pt', 'results.json')}

@@ -1,6 +1,8 @@
 """Runs that survive: checkpoints and exact resume after SIGKILL, a non-finite loss, torchrun with
 two processes, and the bad-input table (README sums it up: one line naming the problem, exit 2)."""
+import errno
 import hashlib
+import io
 import json
 import os
 import signal
@@ -159,6 +161,7 @@ BAD = [
     (['--k', '0'], 'argument --k: must be at least 1'),
     (['--k', 'ten'], 'argument --k: takes whole numbers'),
     (['--k', '5,10'], 'use it with --mode compare'),
+    (['--mode', 'compare', '--k', '5,10,5'], 'argument --k: 5 is listed twice'),
     (['--n', '0'], '--n must be at least 1'),
     (['--n-layer', '-2'], '--n-layer must be at least 1'),
     (['--batch-size', '0'], '--batch-size must be at least 1'),
@@ -172,6 +175,7 @@ BAD = [
     (['--users', '100000', '--history', '60,200'], 'at most 12000000'),
     (['--n-embd', '30', '--n-head', '4'], 'not divisible'),
     (['--pos', 'learned', '--block-size', '100'], 'longer than --block-size 100'),
+    (['--mode', 'ablation', '--block-size', str(10**12)], 'parameters needs'),  # its learned-position rows
     (['--dataset', 'ml-10m'], "invalid choice: 'ml-10m'"),
     (['--dataset', 'ml-100k', '--data-dir', '/nonexistent/ml'], '--data-dir /nonexistent/ml does not exist'),
     (['--out', '/proc/version/out'], 'cannot be written'),
@@ -357,6 +361,18 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_run_resumes(tmp_path):
     assert results(tmp_path)['steps'] == len(torch.load(tmp_path / 'ckpt.pt', weights_only=True)['records'])  # all
 
 
+def test_ctrl_c_while_a_checkpoint_loads_is_one_line(checkpoint_dir, monkeypatch, capsys):
+    """A large checkpoint takes a while to load, before any training: Ctrl-C there is one line too."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(torch, 'load', interrupted)
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(checkpoint_dir), '--resume'])
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err == f'dti_minimal.py: error: interrupted; rerun with --resume to continue ' \
+        f'from {checkpoint_dir / "ckpt.pt"}\n'
+
+
 @pytest.mark.parametrize('device', DEVICES)
 @pytest.mark.parametrize('attn', ['sparse', 'dense'])
 def test_bf16_autocast_runs_both_attention_paths(attn, device):
@@ -410,6 +426,22 @@ def test_a_fresh_run_never_replaces_another_runs_checkpoint(checkpoint_dir, tmp_
         capsys, TINY + ['--out', str(folder)])
     (folder / 'ckpt.pt').write_bytes(before)
     assert dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(folder)])['steps'] > 0
+
+
+def test_a_lock_made_but_not_written_is_one_line_and_removed(tmp_path, monkeypatch, capsys):
+    """On a full disk a lock file can be made but not written: one line (exit 1), no empty lock left.
+    An --out that is a file is one line before any work."""
+    class FullDisk(io.FileIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(dti_minimal, 'open', lambda path, mode: FullDisk(path, mode), raising=False)
+    with pytest.raises(SystemExit) as e:
+        dti_minimal.lock(str(tmp_path))
+    assert e.value.code == 1 and not os.listdir(tmp_path)
+    assert capsys.readouterr().err == f'dti_minimal.py: error: cannot write {tmp_path / ".lock"} (No space left ' \
+                                      f'on device); stopped\n'
+    (tmp_path / 'a_file').write_text('')
+    assert f'--out {tmp_path / "a_file"} is a file, not a folder' in one_line_error(capsys, ['--out', str(tmp_path / 'a_file')])
 
 
 def test_one_run_holds_its_folder(tmp_path, capsys):
