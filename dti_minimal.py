@@ -990,8 +990,9 @@ WARNED = set()  # the warnings printed so far
 
 
 def die(msg, code=2):
-    """Bad input (exit code 2) or a failed run (1): one line on stderr, no traceback."""
-    print(f'dti_minimal.py: error: {msg}', file=sys.stderr)
+    """Bad input (exit code 2) or a failed run (1): one line on stderr (a line break in a path shown
+    as \\n), no traceback."""
+    print(f'dti_minimal.py: error: {msg}'.replace('\n', '\\n'), file=sys.stderr)
     sys.exit(code)
 
 

@@ -199,6 +199,7 @@ BAD = [
     # output folders that cannot take the results
     (['--out', ''], '--out must name a folder'),
     (['--out', '/proc/x'], 'output folder /proc/x cannot be written'),
+    (['--out', '/proc/x\ny'], 'output folder /proc/x\\ny cannot be written'),  # still one line
     (['--attn', 'flex', '--device', 'cpu'], '--attn flex trains on CUDA only: FlexAttention has no backward on a CPU'),
     # counts far beyond any plan, bounded once (BOUNDS): one line, not an overflow deep inside numpy
     (['--k', str(10**20)], 'argument --k: must be at least 1 and at most 100000'),
