@@ -562,7 +562,8 @@ def find_movielens(name, data_dir=None):
         raise DataError(f'{data_dir}: no {name} files in it ({a} + {b}, {name}.inter + {name}.item, '
                         f'or {name}.zip)')
     other = re.split(r'[/\\:]', os.path.abspath(found[0][0]))[-2].removesuffix('.zip')  # its folder (or zip)
-    if other in MOVIELENS and other != name:  # ml-20m and ml-25m have the same files
+    if other != name and GROUPLENS_FILES.get(other) == GROUPLENS_FILES[name] and not found[0][0].endswith(
+            '.inter'):  # ml-20m and ml-25m have the same files
         raise DataError(f'{found[0][0]}: a file of {other} (so its folder says), not {name}; pass '
                         f'--dataset {other}')
     return found
@@ -580,7 +581,7 @@ def _locate(name, path):
                 raise DataError(f'{p}: cannot be read ({e.strerror})')
             files = {f: [(os.path.join(p, f), functools.partial(_read_file, os.path.join(p, f)))]
                      for f in names}
-        elif os.path.isfile(p) and p != os.path.join(path, name):  # a file `name` beside name.zip is not it
+        elif os.path.isfile(p) and (p != os.path.join(path, name) or zipfile.is_zipfile(p)):  # not notes
             files = _zip_files(p, name)
         else:
             continue
@@ -645,14 +646,14 @@ def _read_member(z, member, where):
 def download(name, folder):
     """The official zip into `folder`: a temporary file, md5 checked, then renamed; nothing else is left."""
     url, md5 = MOVIELENS[name]
-    made = not os.path.isdir(folder)  # and so removed again if nothing lands in it
+    made, tmp = missing_folders(folder), None  # removed again if nothing lands in them
     try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
-    except OSError as e:
-        raise DataError(f'cache folder {folder} cannot be written ({e.strerror}); set $DTI_DATA or pass '
-                        f'--data-dir')
-    try:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=folder, prefix=name, suffix='.part')
+        except OSError as e:
+            raise DataError(f'cache folder {folder} cannot be written ({e.strerror}); set $DTI_DATA or pass '
+                            f'--data-dir')
         digest = hashlib.md5()
         with os.fdopen(fd, 'wb') as f, urllib.request.urlopen(url, timeout=30) as r:
             with tqdm(total=int(r.headers.get('Content-Length') or 0) or None, unit='B', unit_scale=True,
@@ -670,7 +671,16 @@ def download(name, folder):
                         f'; put {name}.zip or its extracted folder in {folder} (or $DTI_DATA), or pass '
                         f'--data-dir')
     finally:
-        if os.path.exists(tmp):
+        if tmp and os.path.exists(tmp):
             os.remove(tmp)
-        if made and not os.listdir(folder):  # a failed download leaves no empty cache folder either
-            os.rmdir(folder)
+        for f in made:  # a failed download leaves no empty cache folder either
+            if os.path.isdir(f) and not os.listdir(f):
+                os.rmdir(f)
+
+
+def missing_folders(path):
+    """The folders that os.makedirs(path) would make, deepest first."""
+    made, path = [], os.path.abspath(path)
+    while not os.path.lexists(path):
+        made, path = made + [path], os.path.dirname(path)
+    return made

@@ -411,8 +411,7 @@ def train_and_report(args, ckpt=None):
         state = dict(args=vars(args), data=data.fingerprint(ds), seed=seed, done=done)
         done.append(run(args, ds, args.mode, args.ks[0], prepared, seed, save=lambda s: save_checkpoint(
             args.out, {**s, **state}), resume=ckpt if ckpt and ckpt['seed'] == seed else None))
-    shape = lambda r: {key: (type(v), len(v) if key == 'test_logits' else 0) for key, v in r.items()}
-    if ckpt and any(shape(r) != shape(done[-1]) for r in done):  # only a hand-edited checkpoint gets here
+    if ckpt and not all(same_kind(r, done[-1]) for r in done):  # only a hand-edited checkpoint gets here
         die(f"{ckpt['path']}: a damaged checkpoint (its finished seeds' results are not this run's)")
     blocks = data.target_blocks(prepared[1]['test'][0])
     base = baseline(ds, args.n, blocks)
@@ -428,6 +427,7 @@ def train_and_report(args, ckpt=None):
 
 def main(argv=None):
     WARNED.clear()  # each run says its warnings
+    SAVED.clear()  # and offers to resume from its own checkpoints only
     args = parse_args(argv)
     warnings.simplefilter('ignore')  # stderr holds this program's lines only (no numpy overflow notes)
     try:
@@ -440,9 +440,9 @@ def main(argv=None):
             return bench(args)
         return (compare if args.mode == 'compare' else ablation)(args, load_dataset(args))
     except KeyboardInterrupt:  # Ctrl-C: what is on disk, and how to go on from it
-        path = os.path.join(args.out, 'ckpt.pt')
-        die(f'interrupted; rerun with --resume to continue from {path}' if args.mode in ('sw', 'dti') and
-            os.path.isfile(path) else 'interrupted; no checkpoint was written', code=130)
+        path = os.path.join(args.out, 'ckpt.pt')  # resumable: the one it was resuming, or one it wrote
+        die(f'interrupted; rerun with --resume to continue from {path}' if os.path.isfile(path) and
+            (args.resume or path in SAVED) else 'interrupted; no checkpoint was written', code=130)
     finally:
         unlock()
         if WORLD > 1 and dist.is_initialized():
@@ -806,6 +806,7 @@ def save_checkpoint(folder, state):
                             records=[tuple(r) for r in state['records']], rng=rng,
                             **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
             os.replace(path + '.tmp', path)
+            SAVED.add(path)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
         kept = f'the previous {path} is kept' if os.path.exists(path) else 'no checkpoint was written'
         die(f"cannot write {path} ({' '.join(str(e).split())[:200]}); stopped, {kept}", code=1)
@@ -865,6 +866,14 @@ def run_to_continue(ckpt, ds, resume):
             f"run" if resume else f"{ckpt['path']} holds a run on another data set {differs}; pass another "
             f"--out")
     return ckpt if resume else None
+
+
+def same_kind(r, ref):
+    """A finished seed's results `r` have the keys of `ref`, this run's, values of the same types
+    (None fits any: an AUC on one class, mfu on a CPU) and as many test logits."""
+    kind = lambda key, v: len(v) if key == 'test_logits' and isinstance(v, list) else type(v)
+    return r.keys() == ref.keys() and all(kind(key, r[key]) == kind(key, ref[key]) or key != 'test_logits'
+                                          and None in (r[key], ref[key]) for key in ref)
 
 
 def restore(ckpt, model, opt, n_steps):
@@ -987,6 +996,7 @@ OUTPUTS = dict(sw=['results.json', 'ckpt.pt'], dti=['results.json', 'ckpt.pt'], 
                ablation=['ablation.json'], bench=['bench.json'])  # what each mode writes into --out
 HELD = []  # the lock files this process holds
 WARNED = set()  # the warnings printed so far
+SAVED = set()  # the checkpoints this process wrote: Ctrl-C offers to resume from them
 
 
 def die(msg, code=2):
@@ -1034,7 +1044,7 @@ def check_args(args):
     if not 1 <= min(args.ks) <= max(args.ks) <= 100_000:
         die(f'argument --k: must be at least 1 and at most 100000, got {",".join(map(str, args.ks))}')
     if len(set(args.ks)) < len(args.ks):
-        die(f'argument --k: {next(k for k in args.ks if args.ks.count(k) > 1)} is listed twice')
+        die(f'argument --k: {next(k for k in args.ks if args.ks.count(k) > 1)} is listed more than once')
     if len(args.ks) > 1 and args.mode not in ('compare', 'ablation'):
         die('a list of k values is a sweep: use it with --mode compare or ablation')
     if args.users * args.history[1] > 12_000_000:
@@ -1115,9 +1125,7 @@ def check_out(args):
     file written in it, then all of that removed again, so that a path too long or a read-only
     disk is refused before any work; no file the run will write, nor its temporary twin, exists
     there as something other than a file."""
-    made, path = [], os.path.abspath(args.out)
-    while not os.path.lexists(path):
-        made, path = made + [path], os.path.dirname(path)
+    made = data.missing_folders(args.out)
     try:
         for folder in reversed(made):
             os.mkdir(folder)

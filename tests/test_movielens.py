@@ -264,6 +264,8 @@ def test_no_network_no_files_says_where_to_put_them(tmp_path, monkeypatch, capsy
     err = cli_error(capsys, None)
     assert 'download of file:///nowhere/ml-100k.zip failed' in err and f'put ml-100k.zip or its extracted folder in {cache}' in err
     assert not cache.exists()
+    monkeypatch.setenv('DTI_DATA', str(tmp_path / 'new' / 'cache'))  # nor the folders made on the way
+    assert 'download of file:///nowhere' in cli_error(capsys, None) and not (tmp_path / 'new').exists()
 
 
 @pytest.mark.parametrize('error', [http.client.InvalidURL("nonnumeric port: 'notaport'"),  # a bad https_proxy
@@ -367,6 +369,8 @@ def test_zip_members_are_picked_by_the_data_sets_folder(tmp_path):
     beside.mkdir()
     os.replace(windows, beside / 'ml-100k.zip')
     (beside / 'ml-100k').write_text('my notes')
+    assert same(ref, data.movielens('ml-100k', str(beside)))
+    os.replace(beside / 'ml-100k.zip', beside / 'ml-100k')  # but a zip saved without its .zip is
     assert same(ref, data.movielens('ml-100k', str(beside)))
 
 

@@ -76,6 +76,12 @@ def test_resume_with_seeds_continues_the_seed_it_was_killed_in(tmp_path):
     assert r.returncode == 2 and r.stderr.count('\n') == 1, r.stderr
     assert "a damaged checkpoint (its finished seeds' results are not this run's)" in r.stderr
     assert sorted(os.listdir(damaged)) == ['ckpt.pt']
+    on_a_gpu = tmp_path / 'gpu'  # a first seed trained on a GPU has an mfu where a CPU's is None: it fits
+    on_a_gpu.mkdir()
+    ckpt = torch.load(killed / 'ckpt.pt', weights_only=True)
+    ckpt['done'][0]['mfu'] = 0.25
+    torch.save(ckpt, on_a_gpu / 'ckpt.pt')
+    assert cli(*flags, '--out', str(on_a_gpu), '--resume').returncode == 0
     assert cli(*flags, '--out', str(killed), '--resume').returncode == 0
     a, b = results(tmp_path / 'whole'), results(killed)
     assert a['test_auc_seeds'] == b['test_auc_seeds'] and len(set(a['test_auc_seeds'])) == 2
@@ -161,7 +167,7 @@ BAD = [
     (['--k', '0'], 'argument --k: must be at least 1'),
     (['--k', 'ten'], 'argument --k: takes whole numbers'),
     (['--k', '5,10'], 'use it with --mode compare'),
-    (['--mode', 'compare', '--k', '5,10,5'], 'argument --k: 5 is listed twice'),
+    (['--mode', 'compare', '--k', '5,10,5'], 'argument --k: 5 is listed more than once'),
     (['--n', '0'], '--n must be at least 1'),
     (['--n-layer', '-2'], '--n-layer must be at least 1'),
     (['--batch-size', '0'], '--batch-size must be at least 1'),
@@ -363,15 +369,16 @@ def test_ctrl_c_is_one_line_naming_the_checkpoint_and_the_run_resumes(tmp_path):
 
 
 def test_ctrl_c_while_a_checkpoint_loads_is_one_line(checkpoint_dir, monkeypatch, capsys):
-    """A large checkpoint takes a while to load, before any training: Ctrl-C there is one line too."""
+    """A large checkpoint takes a while to load, before any training: Ctrl-C there is one line too,
+    which offers --resume only to the run that was resuming (a fresh run may be loading another's)."""
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
     monkeypatch.setattr(torch, 'load', interrupted)
-    with pytest.raises(SystemExit) as e:
-        dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(checkpoint_dir), '--resume'])
-    err = capsys.readouterr().err
-    assert e.value.code == 130 and err == f'dti_minimal.py: error: interrupted; rerun with --resume to continue ' \
-        f'from {checkpoint_dir / "ckpt.pt"}\n'
+    for flags, then in ([['--resume'], f'rerun with --resume to continue from {checkpoint_dir / "ckpt.pt"}'],
+                        [[], 'no checkpoint was written']):
+        with pytest.raises(SystemExit) as e:
+            dti_minimal.main(TINY + ['--max-train-targets', '200', '--out', str(checkpoint_dir), *flags])
+        assert e.value.code == 130 and capsys.readouterr().err == f'dti_minimal.py: error: interrupted; {then}\n'
 
 
 @pytest.mark.parametrize('device', DEVICES)
