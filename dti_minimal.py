@@ -239,6 +239,8 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
     pending, t0 = [], time.perf_counter()  # steps whose loss is not read yet (on CUDA, 10 at a time)
     model.train()
     for step in range(len(records), len(schedule)):
+        # dropout draws from (seed, step, rank) alone: a resumed run, on any rank, needs no random state
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, RANK]).generate_state(1)[0]))
         for group in opt.param_groups:
             group['lr'] = learning_rate(step, len(schedule), args.lr)
         b = next(ahead)                                                        # a Batch on the device
@@ -786,24 +788,21 @@ SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoin
 RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs',  # what a resumed
             'max_train_targets', 'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn',  # run keeps
             'max_eval_targets', 'eval_mode']
-CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, rng=dict, args=dict, data=str, seed=int,
-                  done=list)
+CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, args=dict, data=str, seed=int, done=list)
 
 
 def save_checkpoint(folder, state):
-    """DIR/ckpt.pt: what training needs to go on (weights, AdamW's state, the step records, the
-    random state dropout draws from) and which run it is (args, the data set's fingerprint, the
+    """DIR/ckpt.pt: what training needs to go on (weights, AdamW's state, the step records; dropout
+    draws from the seed and step alone) and which run it is (args, the data set's fingerprint, the
     seed, finished seeds' results). Never with non-finite weights; written to a temporary file,
     then renamed; a failed write stops the run and keeps the previous one."""
     model, path = state['model'], os.path.join(folder, 'ckpt.pt')
     check_weights(model, len(state['records']), state['epoch'], folder)
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    rng = dict(torch=torch.get_rng_state(), cuda=cuda)
     try:
         if not RANK:
             torch.save(dict(format=CKPT_FORMAT, model=model.state_dict(),
                             optimizer=state['optimizer'].state_dict(),
-                            records=[tuple(r) for r in state['records']], rng=rng,
+                            records=[tuple(r) for r in state['records']],
                             **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
             os.replace(path + '.tmp', path)
             SAVED.add(path)
@@ -877,8 +876,8 @@ def same_kind(r, ref):
 
 
 def restore(ckpt, model, opt, n_steps):
-    """Load a checkpoint's weights, optimizer, step records and random state into this run;
-    returns the step records. A checkpoint that does not fit is one line, exit 2."""
+    """Load a checkpoint's weights, optimizer and step records into this run; returns the step
+    records. A checkpoint that does not fit is one line, exit 2."""
     try:
         model.load_state_dict(ckpt['model'])
         opt.load_state_dict(ckpt['optimizer'])
@@ -895,9 +894,6 @@ def restore(ckpt, model, opt, n_steps):
                              f'writes')
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise ValueError('non-finite weights')
-        torch.set_rng_state(ckpt['rng']['torch'])
-        if ckpt['rng']['cuda'] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt['rng']['cuda'])
     except Exception as e:  # whatever a damaged checkpoint raises
         die(f"{ckpt['path']}: does not fit this run ({' '.join(str(e).split())[:300]})")
     return records
@@ -1001,8 +997,9 @@ SAVED = set()  # the checkpoints this process wrote: Ctrl-C offers to resume fro
 
 def die(msg, code=2):
     """Bad input (exit code 2) or a failed run (1): one line on stderr (a line break in a path shown
-    as \\n), no traceback."""
-    print(f'dti_minimal.py: error: {msg}'.replace('\n', '\\n'), file=sys.stderr)
+    as \\n), no traceback; under torchrun from rank 0 only (every rank meets the same problem)."""
+    if os.environ.get('RANK', '0') == '0':  # torchrun's rank, set before setup_distributed reads it
+        print(f'dti_minimal.py: error: {msg}'.replace('\n', '\\n'), file=sys.stderr)
     sys.exit(code)
 
 
