@@ -679,8 +679,8 @@ def download(name, folder):
 
 
 def missing_folders(path):
-    """The folders that os.makedirs(path) would make, deepest first."""
-    made, path = [], os.path.abspath(path)
+    """The folders that os.makedirs(path) would make, deepest first (through symlinks)."""
+    made, path = [], os.path.realpath(path)
     while not os.path.lexists(path):
         made, path = made + [path], os.path.dirname(path)
     return made

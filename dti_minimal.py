@@ -240,7 +240,7 @@ def train(model, ds, units, mode, args, seed, desc='train', save=None, resume=No
     model.train()
     for step in range(len(records), len(schedule)):
         # dropout draws from (seed, step, rank) alone: a resumed run, on any rank, needs no random state
-        torch.manual_seed(int(np.random.SeedSequence([seed, step, RANK]).generate_state(1)[0]))
+        torch.manual_seed(int(np.random.SeedSequence([seed, step, RANK]).generate_state(1, np.uint64)[0]))
         for group in opt.param_groups:
             group['lr'] = learning_rate(step, len(schedule), args.lr)
         b = next(ahead)                                                        # a Batch on the device
@@ -783,7 +783,7 @@ def paired_ci(ds, blocks, a, b, resamples=1000):
 # -----------------------------------------------------------------------------
 # long runs: checkpoints and resume, compile, torchrun, CUDA
 
-CKPT_FORMAT = 'dti-minimal checkpoint v2'
+CKPT_FORMAT = 'dti-minimal checkpoint v3'  # v3: dropout draws from (seed, step, rank)
 SHAPE_ARGS = ['n_layer', 'n_head', 'n_embd', 'pos', 'block_size']  # a checkpoint's weights fit these only
 RUN_ARGS = ['mode', 'dataset', 'users', 'history', 'n', 'ks', 'mask', 'dropout', 'epochs',  # what a resumed
             'max_train_targets', 'batch_size', 'lr', 'weight_decay', 'seed', 'seeds', 'attn',  # run keeps
@@ -793,7 +793,7 @@ CKPT_TYPES = dict(model=dict, optimizer=dict, records=list, args=dict, data=str,
 
 def save_checkpoint(folder, state):
     """DIR/ckpt.pt: what training needs to go on (weights, AdamW's state, the step records; dropout
-    draws from the seed and step alone) and which run it is (args, the data set's fingerprint, the
+    draws from the seed, step and rank alone) and which run it is (args, the data set's fingerprint, the
     seed, finished seeds' results). Never with non-finite weights; written to a temporary file,
     then renamed; a failed write stops the run and keeps the previous one."""
     model, path = state['model'], os.path.join(folder, 'ckpt.pt')
@@ -804,8 +804,8 @@ def save_checkpoint(folder, state):
                             optimizer=state['optimizer'].state_dict(),
                             records=[tuple(r) for r in state['records']],
                             **{key: state[key] for key in ('args', 'data', 'seed', 'done')}), path + '.tmp')
-            os.replace(path + '.tmp', path)
             SAVED.add(path)
+            os.replace(path + '.tmp', path)
     except (OSError, RuntimeError) as e:  # a full disk: torch.save raises a RuntimeError
         kept = f'the previous {path} is kept' if os.path.exists(path) else 'no checkpoint was written'
         die(f"cannot write {path} ({' '.join(str(e).split())[:200]}); stopped, {kept}", code=1)
@@ -829,7 +829,7 @@ def checkpoint_in(args):
     except Exception as e:
         die(f'{path}: not a readable checkpoint ({type(e).__name__})' if args.resume else foreign)
     if not isinstance(ckpt, dict) or ckpt.get('format') != CKPT_FORMAT:
-        die(f'{path}: not a dti-minimal checkpoint' if args.resume else foreign)
+        die(f'{path}: not a dti-minimal checkpoint ({CKPT_FORMAT})' if args.resume else foreign)
     for key, kind in CKPT_TYPES.items():
         if not isinstance(ckpt.get(key), kind):
             die(f'{path}: a damaged checkpoint ({key!r} is missing or not a {kind.__name__})')
@@ -869,10 +869,12 @@ def run_to_continue(ckpt, ds, resume):
 
 def same_kind(r, ref):
     """A finished seed's results `r` have the keys of `ref`, this run's, values of the same types
-    (None fits any: an AUC on one class, mfu on a CPU) and as many test logits."""
+    (a float or None where either may be: an AUC on one class, mfu on a CPU) and as many test logits."""
     kind = lambda key, v: len(v) if key == 'test_logits' and isinstance(v, list) else type(v)
-    return r.keys() == ref.keys() and all(kind(key, r[key]) == kind(key, ref[key]) or key != 'test_logits'
-                                          and None in (r[key], ref[key]) for key in ref)
+    optional = lambda key: (key == 'mfu' or key.endswith('auc')) and {type(r[key]), type(ref[key])} <= {
+        float, type(None)}
+    return r.keys() == ref.keys() and all(kind(key, r[key]) == kind(key, ref[key]) or optional(key)
+                                          for key in ref)
 
 
 def restore(ckpt, model, opt, n_steps):
@@ -997,7 +999,8 @@ SAVED = set()  # the checkpoints this process wrote: Ctrl-C offers to resume fro
 
 def die(msg, code=2):
     """Bad input (exit code 2) or a failed run (1): one line on stderr (a line break in a path shown
-    as \\n), no traceback; under torchrun from rank 0 only (every rank meets the same problem)."""
+    as \\n), no traceback. Under torchrun rank 0 speaks for all: the ranks check the same flags and
+    data; the others exit with the same code, and torchrun names any rank that fails alone."""
     if os.environ.get('RANK', '0') == '0':  # torchrun's rank, set before setup_distributed reads it
         print(f'dti_minimal.py: error: {msg}'.replace('\n', '\\n'), file=sys.stderr)
     sys.exit(code)
@@ -1122,6 +1125,8 @@ def check_out(args):
     file written in it, then all of that removed again, so that a path too long or a read-only
     disk is refused before any work; no file the run will write, nor its temporary twin, exists
     there as something other than a file."""
+    if os.environ.get('RANK', '0') != '0':  # only rank 0 writes; ranks probing one folder would race
+        return
     made = data.missing_folders(args.out)
     try:
         for folder in reversed(made):

@@ -393,7 +393,8 @@ def test_ml_20m_files_are_not_taken_for_ml_25m(tmp_path, capsys, monkeypatch):
     folder = write(tmp_path / 'ml-20m', 'csv', world())
     assert 'ratings.csv: a file of ml-20m (so its folder says), not ml-25m; pass --dataset ml-20m' in \
         cli_error(capsys, folder, 'ml-25m')
-    monkeypatch.chdir(folder)
+    assert len(data.movielens('ml-100k', write(tmp_path / 'ml-1m', 'recbole', world()))['label'])  # its own
+    monkeypatch.chdir(folder)  # file names (ml-100k.inter) say which data set it is, whatever the folder
     assert 'a file of ml-20m (so its folder says)' in cli_error(capsys, '.', 'ml-25m')
     monkeypatch.setenv('DTI_DATA', folder)
     assert 'a file of ml-20m (so its folder says)' in cli_error(capsys, None, 'ml-25m')

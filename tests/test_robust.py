@@ -31,8 +31,8 @@ def results(folder):
 
 @pytest.mark.parametrize('mode', ['dti', 'sw'])  # the sparse path, and the dense one
 def test_sigkill_mid_epoch_then_resume_ends_with_the_same_results(tmp_path, mode):
-    """With dropout, whose draws depend on the seed and step alone: the resumed run's step losses
-    and metrics are the uninterrupted run's, bit for bit."""
+    """With dropout, whose draws depend on the seed, step and rank alone: the resumed run's step
+    losses and metrics are the uninterrupted run's, bit for bit."""
     flags = TINY + ['--mode', mode, '--epochs', '2', '--ckpt-every', '5', '--dropout', '0.1']  # dropout: RNG
     assert cli(*flags, '--out', str(tmp_path / 'whole')).returncode == 0
     killed = tmp_path / 'killed'
@@ -82,6 +82,10 @@ def test_resume_with_seeds_continues_the_seed_it_was_killed_in(tmp_path):
     ckpt['done'][0]['mfu'] = 0.25
     torch.save(ckpt, on_a_gpu / 'ckpt.pt')
     assert cli(*flags, '--out', str(on_a_gpu), '--resume').returncode == 0
+    ckpt['done'][0]['train_seconds'] = None  # but None where no run writes one is damage
+    torch.save(ckpt, damaged / 'ckpt.pt')
+    r = cli(*flags, '--out', str(damaged), '--resume')
+    assert r.returncode == 2 and "a damaged checkpoint (its finished seeds' results" in r.stderr, r.stderr
     assert cli(*flags, '--out', str(killed), '--resume').returncode == 0
     a, b = results(tmp_path / 'whole'), results(killed)
     assert a['test_auc_seeds'] == b['test_auc_seeds'] and len(set(a['test_auc_seeds'])) == 2
@@ -306,10 +310,12 @@ def test_resume_with_other_arguments(flags, message, checkpoint_dir, capsys):
 @pytest.mark.parametrize('content,message', [
     (b'not a checkpoint', 'not a readable checkpoint'),
     (None, 'not a dti-minimal checkpoint'),
+    ('v2', 'not a dti-minimal checkpoint (dti-minimal checkpoint v3)'),  # older: its dropout drew otherwise
 ])
 def test_corrupt_or_foreign_checkpoint(content, message, tmp_path, capsys):
-    if content is None:
-        torch.save({'model': {}, 'format': 'someone else'}, tmp_path / 'ckpt.pt')
+    if content in (None, 'v2'):
+        torch.save({'model': {}, 'format': 'someone else' if content is None else 'dti-minimal checkpoint v2'},
+                   tmp_path / 'ckpt.pt')
     else:
         (tmp_path / 'ckpt.pt').write_bytes(content)
     assert message in one_line_error(capsys, TINY + ['--out', str(tmp_path), '--resume'])
